@@ -1,0 +1,3 @@
+"""pixfind: find pictures by describing them."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""Settings: where the index lives, which model embeds, how hard to work.
+
+Every setting has a default, an environment variable and (in the CLI) a flag; flags beat the
+environment, which beats the default. Nothing here imports torch or pymilvus, so reading the
+configuration is instant.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from platformdirs import user_cache_dir, user_data_dir
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+DEFAULT_COLLECTION = "pixfind"
+
+ENV_URI = "PIXFIND_URI"
+ENV_TOKEN = "PIXFIND_TOKEN"
+ENV_COLLECTION = "PIXFIND_COLLECTION"
+ENV_MODEL = "PIXFIND_MODEL"
+ENV_PRETRAINED = "PIXFIND_PRETRAINED"
+ENV_CHECKPOINT = "PIXFIND_CHECKPOINT"
+ENV_DEVICE = "PIXFIND_DEVICE"
+ENV_CACHE = "PIXFIND_CACHE_DIR"
+ENV_DATA = "PIXFIND_DATA_DIR"
+
+
+def data_dir() -> Path:
+    """Folder holding the default embedded index (``$PIXFIND_DATA_DIR`` or the OS data dir)."""
+    return Path(os.environ.get(ENV_DATA) or user_data_dir("pixfind"))
+
+
+def cache_dir() -> Path:
+    """Folder for downloaded weights, exported models and thumbnails."""
+    return Path(os.environ.get(ENV_CACHE) or user_cache_dir("pixfind"))
+
+
+def default_uri() -> str:
+    return str(data_dir() / "pixfind.db")
+
+
+def is_server_uri(uri: str) -> bool:
+    """``http(s)://`` and ``tcp://`` URIs name a Milvus server; anything else is a Lite file."""
+    return uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def normalise_pretrained(tag: str | None) -> str | None:
+    """``none``/empty means random weights (offline testing); anything else is an open_clip tag."""
+    if tag is None:
+        return None
+    tag = tag.strip()
+    return None if tag.lower() in {"", "none", "random"} else tag
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which open_clip network embeds images and text, and with which weights."""
+
+    name: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    checkpoint: str | None = None
+
+    @property
+    def weights(self) -> str:
+        """How the weights are identified in the collection's metadata."""
+        if self.checkpoint:
+            return f"file:{self.checkpoint}"
+        return self.pretrained or "none"
+
+    @classmethod
+    def from_weights(cls, name: str, weights: str) -> ModelSpec:
+        """Inverse of :attr:`weights`: rebuild the spec a collection records."""
+        if weights.startswith("file:"):
+            return cls(name=name, pretrained=None, checkpoint=weights[len("file:") :])
+        return cls(name=name, pretrained=normalise_pretrained(weights))
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.weights})"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to reach the index and the model."""
+
+    uri: str = field(default_factory=default_uri)
+    token: str | None = None
+    collection: str = DEFAULT_COLLECTION
+    model: ModelSpec | None = None  # None: use what the collection records (or the default)
+    device: str = "auto"
+    batch_size: int | None = None  # None: pick per device
+    workers: int | None = None  # decode threads; None: pick from the CPU count
+    draft: bool = True  # reduced-size JPEG decoding
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Defaults, then environment variables, then the non-None ``overrides``."""
+        model = None
+        if _env(ENV_MODEL) or _env(ENV_PRETRAINED) is not None or _env(ENV_CHECKPOINT):
+            model = ModelSpec(
+                name=_env(ENV_MODEL) or DEFAULT_MODEL,
+                pretrained=normalise_pretrained(os.environ.get(ENV_PRETRAINED, DEFAULT_PRETRAINED)),
+                checkpoint=_env(ENV_CHECKPOINT),
+            )
+        base = cls(
+            uri=_env(ENV_URI) or default_uri(),
+            token=_env(ENV_TOKEN),
+            collection=_env(ENV_COLLECTION) or DEFAULT_COLLECTION,
+            model=model,
+            device=_env(ENV_DEVICE) or "auto",
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})

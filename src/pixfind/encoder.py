@@ -1,0 +1,177 @@
+"""Where images and queries become vectors: the open_clip model, loaded once, used in batches.
+
+All vectors leave this module L2-normalised, as float32 numpy arrays, so the store can use the
+cosine metric (equal to the inner product on unit vectors) and callers never touch torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import ModelSpec, cache_dir
+from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+#: Seed for ``pretrained=None``: random weights, the same in every process, so an index built
+#: with them can be searched later. For offline testing only; the vectors mean nothing.
+RANDOM_WEIGHTS_SEED = 0
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {requested!r} requested but CUDA is not available: use --device cpu")
+    return requested
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Give torch's intra-op pool all cores unless told otherwise; returns the count used."""
+    import torch
+
+    count = threads or int(os.environ.get("PIXFIND_THREADS", "0")) or (os.cpu_count() or 1)
+    torch.set_num_threads(count)
+    return count
+
+
+class ClipEncoder:
+    """An open_clip model with its preprocessing and tokenizer."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto") -> None:
+        import torch
+
+        self.spec = spec
+        self.device = pick_device(device)
+        self.model, self._transform, self._tokenizer = _load_open_clip(spec, self.device)
+        self.half = self.device.startswith("cuda")
+        if self.half:
+            self.model = self.model.half()
+        self.model.eval()
+        self._torch = torch
+        size = getattr(self.model.visual, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.dim = int(self.encode_texts(["a photo"]).shape[1])
+        self._trim_text = getattr(self.model, "text_pool_type", None) == "argmax"
+
+    @property
+    def draft_side(self) -> int:
+        """Shortest side to decode images at: twice the model's input keeps cosine ≥ 0.995."""
+        return 2 * self.image_size
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """The model's own transform (resize, crop, normalise) as a float32 CHW array."""
+        return self._transform(image).numpy()
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
+        torch = self._torch
+        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        if self.half:
+            batch = batch.half()
+        with torch.inference_mode():
+            features = self.model.encode_image(batch)
+        return _normalise(features.float().cpu().numpy())
+
+    def tokenize(self, texts: list[str]) -> Any:
+        return self._tokenizer(texts)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed text queries into unit vectors (N, dim).
+
+        CLIP's text tower pools at the end-of-text token and masks attention causally, so the
+        padding after the longest real prompt cannot change the result: it is cut off, which
+        makes a short query about 2x cheaper (equality is checked in the tests).
+        """
+        torch = self._torch
+        tokens = self._tokenizer(texts)
+        if getattr(self, "_trim_text", False):
+            tokens = trim_padding(tokens)
+        with torch.inference_mode():
+            features = self.model.encode_text(tokens.to(self.device))
+        return _normalise(features.float().cpu().numpy())
+
+
+def trim_padding(tokens: Any) -> Any:
+    """Drop trailing columns that are padding (id 0) in every row."""
+    used = (tokens != 0).any(dim=0).nonzero()
+    if len(used) == 0:
+        return tokens
+    return tokens[:, : int(used[-1]) + 1]
+
+
+def _normalise(features: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
+    import open_clip
+    import torch
+
+    if spec.name not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown model {spec.name!r}: choose one of open_clip.list_models(), e.g. ViT-B-32"
+        )
+    if spec.checkpoint:
+        if not Path(spec.checkpoint).is_file():
+            raise ModelLoadError(f"checkpoint file not found: {spec.checkpoint}")
+        pretrained: str | None = spec.checkpoint
+    else:
+        pretrained = spec.pretrained
+        if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
+            raise ModelLoadError(
+                f"no weights {pretrained!r} for {spec.name}: choose --pretrained from {tags}, "
+                "or --checkpoint FILE"
+            )
+    weights_dir = cache_dir() / "weights"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model, _, transform = _quietly(
+                open_clip.create_model_and_transforms,
+                spec.name,
+                pretrained=pretrained,
+                device=device,
+                cache_dir=str(weights_dir),
+            )
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - downloads fail in many ways; all mean the same
+        if spec.checkpoint:
+            raise ModelLoadError(
+                f"cannot load checkpoint {spec.checkpoint} into {spec.name}: {_first_line(exc)}"
+            ) from exc
+        raise ModelLoadError(
+            f"cannot get weights for {spec.describe()} ({_first_line(exc)}): connect to the "
+            f"internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
+            "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
+        ) from exc
+    tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=str(weights_dir))
+    return model, transform, tokenizer
+
+
+def _quietly(func: Any, *args: Any, **kwargs: Any) -> Any:
+    """open_clip logs a warning for random weights; pixfind says so itself where it matters."""
+    import logging
+
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return func(*args, **kwargs)
+    finally:
+        root.setLevel(previous)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
