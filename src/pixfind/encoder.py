@@ -59,7 +59,7 @@ class ClipEncoder:
         size = getattr(self.model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.dim = int(self.encode_texts(["a photo"]).shape[1])
-        self._trim_text = getattr(self.model, "text_pool_type", None) == "argmax"
+        self._trim_text = can_trim_text(self.model)
 
     @property
     def draft_side(self) -> int:
@@ -91,12 +91,41 @@ class ClipEncoder:
         makes a short query about 2x cheaper (equality is checked in the tests).
         """
         torch = self._torch
-        tokens = self._tokenizer(texts)
-        if getattr(self, "_trim_text", False):
-            tokens = trim_padding(tokens)
+        tokens = self._tokenizer(texts).to(self.device)
         with torch.inference_mode():
-            features = self.model.encode_text(tokens.to(self.device))
+            if getattr(self, "_trim_text", False):
+                features = encode_text_trimmed(self.model, trim_padding(tokens))
+            else:
+                features = self.model.encode_text(tokens)
         return _normalise(features.float().cpu().numpy())
+
+
+def can_trim_text(model: Any) -> bool:
+    """True for the classic CLIP text tower: causal mask, pooled at the EOT (argmax) token."""
+    return (
+        getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+        and hasattr(model, "positional_embedding")
+        and hasattr(model, "token_embedding")
+    )
+
+
+def encode_text_trimmed(model: Any, tokens: Any) -> Any:
+    """open_clip's ``CLIP.encode_text`` on a shortened context (positions and mask sliced)."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, "argmax")
+    projection = model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
 def trim_padding(tokens: Any) -> Any:
@@ -145,7 +174,7 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
             )
     except ModelLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - downloads fail in many ways; all mean the same
+    except Exception as exc:
         if spec.checkpoint:
             raise ModelLoadError(
                 f"cannot load checkpoint {spec.checkpoint} into {spec.name}: {_first_line(exc)}"

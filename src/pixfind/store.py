@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import time
 import warnings
@@ -185,6 +186,7 @@ class Store:
         token: str | None = None,
         collection: str = "pixfind",
         wait: bool = False,
+        create: bool = True,
     ) -> None:
         self.uri = uri
         self.token = token
@@ -194,6 +196,8 @@ class Store:
         self._info: CollectionInfo | None = None
         if not self.is_server:
             db = Path(uri).expanduser().absolute()
+            if not create and not db.exists():
+                raise StoreError(f"no index at {db} yet: run `pixfind index FOLDER` first, or pass --uri")
             self._prepare_lite_path(db)
             self.uri = str(db)
             self._lock = LiteLock(db, wait=wait)
@@ -225,6 +229,7 @@ class Store:
             raise StoreError(f"index folder {db.parent} is not writable: pass --uri with a writable path")
 
     def _connect(self) -> Any:
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its own errors become StoreError
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pymilvus import MilvusClient
@@ -238,7 +243,7 @@ class Store:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return MilvusClient(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - translated into one clear line
+        except Exception as exc:
             raise self._connection_error(exc) from exc
 
     def _connection_error(self, exc: BaseException) -> StoreError:
@@ -247,12 +252,10 @@ class Store:
         if "auth" in lowered or "credential" in lowered or "permission" in lowered:
             return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
         if self.is_server:
-            if self.token and ("unavailable" in lowered or "fail connecting" in lowered):
-                # pymilvus >= 2.6 reports a rejected token as "server unavailable"
-                if _server_answers(self.uri):
-                    return StoreError(
-                        f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN"
-                    )
+            # pymilvus >= 2.6 reports a rejected token as "server unavailable"
+            unavailable = "unavailable" in lowered or "fail connecting" in lowered
+            if self.token and unavailable and _server_answers(self.uri):
+                return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
             return StoreError(
                 f"cannot reach Milvus at {self.uri}: is the server running? check --uri / PIXFIND_URI"
             )
@@ -300,7 +303,7 @@ class Store:
 
     def _check_fields(self, description: dict[str, Any]) -> None:
         names = {f["name"] for f in description.get("fields", [])}
-        missing = set(META_FIELDS + [VECTOR]) - names
+        missing = set([*META_FIELDS, VECTOR]) - names
         if missing:
             raise StoreError(
                 f"collection {self.collection!r} lacks fields {sorted(missing)}: it is damaged or "
@@ -390,7 +393,7 @@ class Store:
                 self.client.query,
                 self.collection,
                 filter=keys_filter(chunk, field="fingerprint"),
-                output_fields=META_FIELDS + [VECTOR],
+                output_fields=[*META_FIELDS, VECTOR],
             )
             for row in rows:
                 out.setdefault(row["fingerprint"], []).append(row)
@@ -466,7 +469,7 @@ class Store:
     def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - translated into one clear line
+        except Exception as exc:
             if type(exc).__module__.startswith("pymilvus") or "grpc" in type(exc).__module__:
                 raise self._operation_error(exc) from exc
             raise
