@@ -113,6 +113,14 @@ class Limits:
     max_results: int = MAX_RESULTS
 
 
+KParam = Annotated[int, Query(ge=1, description="number of hits (at most the server's max_results)")]
+UnderParam = Annotated[str | None, Query(description="only images under this folder (absolute path)")]
+PathParam = Annotated[str, Query(description="absolute path of an indexed image")]
+VersionParam = Annotated[str | None, Query(description="file version (from a hit's URL)")]
+QueryParam = Annotated[str, Query(description="what the picture shows")]
+UploadParam = Annotated[UploadFile, File(description="an image (size limit: see /api/info)")]
+
+
 # -- paths --------------------------------------------------------------------------------------
 
 
@@ -419,6 +427,11 @@ def create_app(
             raise ApiError(400, f"query too long: at most {limits.max_query_chars} characters")
         return text
 
+    def check_k(k: int) -> int:
+        if k > limits.max_results:
+            raise ApiError(400, f"bad request: k: at most {limits.max_results} results")
+        return k
+
     def check_under(under: str | None) -> str | None:
         if under is None or not under.strip():
             return None
@@ -426,11 +439,6 @@ def create_app(
         if "\x00" in folder or len(folder) > MAX_PATH_CHARS or not os.path.isabs(folder):
             raise ApiError(400, "folder filter must be an absolute path, e.g. /home/me/Pictures")
         return os.path.normpath(folder)
-
-    KParam = Annotated[int, Query(ge=1, le=limits.max_results, description="number of hits")]
-    UnderParam = Annotated[str | None, Query(description="only images under this folder (absolute path)")]
-    PathParam = Annotated[str, Query(description="absolute path of an indexed image")]
-    VersionParam = Annotated[str | None, Query(description="file version (from a hit's URL)")]
 
     @app.get("/", include_in_schema=False)
     def page() -> Response:
@@ -442,22 +450,22 @@ def create_app(
 
     @app.get("/api/search", summary="Search by text")
     def search(
-        q: Annotated[str, Query(description="what the picture shows")],
+        q: QueryParam,
         k: KParam = DEFAULT_RESULTS,
         under: UnderParam = None,
     ) -> Response:
-        text, folder = check_query(q), check_under(under)
+        text, folder, k = check_query(q), check_under(under), check_k(k)
         started = time.perf_counter()
         hits = service.call(index.search, text, limit=k, under=folder)
         return service.hits_json(hits, started)
 
     @app.post("/api/search/image", summary="Search by an uploaded image (multipart field `file`)")
     async def search_image(
-        file: Annotated[UploadFile, File(description=f"an image, at most {limits.max_upload_bytes} bytes")],
+        file: UploadParam,
         k: KParam = DEFAULT_RESULTS,
         under: UnderParam = None,
     ) -> Response:
-        folder = check_under(under)
+        folder, k = check_under(under), check_k(k)
         started = time.perf_counter()
         try:
             return await run_in_threadpool(_search_upload, service, file, k, folder, started)
@@ -475,7 +483,7 @@ def create_app(
         if target is None or not service.contains(target):
             raise ApiError(404, "not in the index: pass the path of an indexed image")
         started = time.perf_counter()
-        hits = service.call(index.similar, target, limit=k, under=check_under(under))
+        hits = service.call(index.similar, target, limit=check_k(k), under=check_under(under))
         return service.hits_json(hits, started)
 
     @app.get("/api/info", summary="What the index holds, and this server's limits")
