@@ -20,6 +20,8 @@
 
   const basename = (p) => p.slice(p.lastIndexOf("/") + 1) || p;
   const dirname = (p) => { const i = p.lastIndexOf("/"); return i > 0 ? p.slice(0, i) : "/"; };
+  // Scores are cosines; -0.000 reads oddly, so near-zero shows as 0.000.
+  const formatScore = (score, digits = 3) => (Math.abs(score) < 0.5 * 10 ** -digits ? 0 : score).toFixed(digits);
   const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
 
   function formatBytes(n) {
@@ -47,7 +49,10 @@
   }
 
   function setStatus(...parts) {
-    els.status.replaceChildren(...parts);
+    // A query thumbnail sits beside the sentence; the sentence itself flows as text.
+    const images = parts.filter((part) => part instanceof HTMLImageElement);
+    const words = parts.filter((part) => !(part instanceof HTMLImageElement));
+    els.status.replaceChildren(...images, ...(words.length ? [el("span", { class: "status-text" }, ...words)] : []));
   }
 
   function params() {
@@ -176,10 +181,8 @@
       img.addEventListener("load", () => img.classList.add("loaded"));
       img.addEventListener("error", () => img.closest(".card").classList.add("broken"));
       const card = el("a", { class: "card", href: hit.image, "data-index": String(i), title: hit.path },
-        el("div", { class: "thumb" }, img, el("span", { class: "score", text: hit.score.toFixed(3) })),
-        el("div", { class: "meta" },
-          el("span", { class: "name", text: name }),
-          el("span", { class: "dims", text: hit.width && hit.height ? `${hit.width}×${hit.height}` : "" })));
+        el("div", { class: "thumb" }, img, el("span", { class: "score", text: formatScore(hit.score) })),
+        el("div", { class: "meta" }, el("span", { class: "name", text: name })));
       card.addEventListener("click", (event) => {
         if (event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
         event.preventDefault();
@@ -211,10 +214,11 @@
     els.vImg.alt = basename(hit.path);
     els.vName.textContent = basename(hit.path);
     els.vName.title = hit.path;
-    els.vPath.textContent = dirname(hit.path);
+    // Let long folder paths wrap after a slash rather than in the middle of a name.
+    els.vPath.replaceChildren(...dirname(hit.path).split(/(?<=\/)/).flatMap((part) => [part, el("wbr")]));
     els.vDims.textContent = hit.width && hit.height ? `${hit.width} × ${hit.height} px` : "unknown";
     els.vSize.textContent = formatBytes(hit.size);
-    els.vScore.textContent = hit.score.toFixed(4);
+    els.vScore.textContent = formatScore(hit.score, 4);
     els.vRank.textContent = `#${hit.rank} of ${state.hits.length}`;
     els.vOpen.href = hit.image;
     els.vPrev.disabled = i === 0;
