@@ -46,7 +46,7 @@ def draw_photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     channels = []
     for _ in range(3):
-        fx, fy, phase = rng.uniform(0.5, 4, 2).tolist() + [rng.uniform(0, 6.28)]
+        fx, fy, phase = [*rng.uniform(0.5, 4, 2).tolist(), rng.uniform(0, 6.28)]
         channels.append(127 + 100 * np.sin(x / width * fx * 6.28 + phase) * np.cos(y / height * fy * 3.14))
     array = np.clip(np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 3)), 0, 255)
     return Image.fromarray(array.astype(np.uint8), "RGB")
@@ -56,7 +56,9 @@ def draw_photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
 def make_images() -> Callable[..., list[Path]]:
     """Write ``count`` distinct JPEGs into ``folder``; returns their paths."""
 
-    def make(folder: Path, count: int, start: int = 0, ext: str = ".jpg", size: tuple[int, int] = (320, 240)) -> list[Path]:
+    def make(
+        folder: Path, count: int, start: int = 0, ext: str = ".jpg", size: tuple[int, int] = (320, 240)
+    ) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for seed in range(start, start + count):

@@ -19,9 +19,7 @@ def stored_paths(idx) -> list[str]:  # type: ignore[no-untyped-def]
 
 
 def image_files(folder: Path) -> list[str]:
-    return sorted(
-        str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in {".jpg", ".png", ".gif"}
-    )
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in {".jpg", ".png", ".gif"})
 
 
 def test_index_then_search_by_text_and_by_image(index_factory, make_images, tmp_path: Path) -> None:
