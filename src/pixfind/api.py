@@ -45,6 +45,7 @@ class ImageIndex:
         wait: bool = False,
         settings: Settings | None = None,
         create: bool = True,
+        encoder: ClipEncoder | None = None,
     ) -> None:
         base = settings or Settings.from_env()
         spec = _spec_from_args(model, pretrained, checkpoint, base.model)
@@ -57,7 +58,7 @@ class ImageIndex:
             device=device or base.device,
         )
         self.store = Store(self.settings.uri, self.settings.token, self.settings.collection, wait=wait, create=create)
-        self._encoder: ClipEncoder | None = None
+        self._encoder: ClipEncoder | None = encoder  # a loaded model may be shared between indexes
         self._encoder_lock = threading.Lock()
 
     # -- model ------------------------------------------------------------------------------
@@ -80,6 +81,9 @@ class ImageIndex:
 
                 configure_threads()
                 self._encoder = ClipEncoder(self.model_spec(), self.settings.device)
+            info = self.store.info()
+            if info is not None:
+                check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
             return self._encoder
 
     # -- indexing ---------------------------------------------------------------------------

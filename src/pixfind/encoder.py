@@ -162,6 +162,8 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
                 "or --checkpoint FILE"
             )
     weights_dir = cache_dir() / "weights"
+    if pretrained and not spec.checkpoint:
+        _fail_fast_when_offline(spec, weights_dir)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -186,6 +188,49 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         ) from exc
     tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=str(weights_dir))
     return model, transform, tokenizer
+
+
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
+    """Without a network, open_clip spends ~45 s in download retries before failing. When the
+    weights are not cached and the hub cannot be reached in a few seconds, say so at once."""
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "")
+    hub_id = (config.get("hf_hub") or "").rstrip("/")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in _WEIGHT_FILES:
+            for folder in (str(weights_dir), None):
+                if isinstance(try_to_load_from_cache(hub_id, filename, cache_dir=folder), str):
+                    return
+        host = "huggingface.co"
+    else:
+        url = config.get("url", "")
+        if url and (weights_dir / os.path.basename(url)).exists():
+            return
+        host = url.split("/")[2] if url.count("/") >= 2 else ""
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _reachable(host):
+        raise ModelLoadError(
+            f"weights for {spec.describe()} are not cached and {host or 'the model hub'} cannot be reached: "
+            f"connect to the internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
+            "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
+        )
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _quietly(func: Any, *args: Any, **kwargs: Any) -> Any:

@@ -144,7 +144,7 @@ def describe_failure(exc: BaseException, path: str | Path = "") -> str:
             pass
         return "not an image (unknown or corrupt format)"
     text = str(exc)
-    if "truncated" in text or isinstance(exc, EOFError):
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
         return "truncated image"
     if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENXIO):
         return f"I/O error: {exc.strerror}"
