@@ -441,3 +441,33 @@ def test_new_images_appear_once_indexed(index, gallery: Path, tmp_path: Path) ->
         assert all(f.result().status_code == 200 for f in searches)
         hits = local.get("/api/search", params={"q": "yellow", "under": str(folder)}).json()
         assert [hit["path"] for hit in hits] == [str(folder / "fresh.jpg")]
+
+
+# -- empty index, startup ----------------------------------------------------------------------------------
+
+
+def test_empty_index_answers_with_a_clear_message(tmp_path: Path) -> None:
+    empty = open_test_index(tmp_path / "empty.db")
+    try:
+        with TestClient(create_app(empty, tmp_path / "thumbs")) as local:
+            response = local.get("/api/search", params={"q": "anything"})
+            assert response.status_code == 409
+            assert "pixfind index" in response.json()["detail"]
+            info = local.get("/api/info").json()
+            assert info["images"] == 0
+            assert local.get("/").status_code == 200
+    finally:
+        empty.close()
+
+
+def test_port_in_use_is_one_clear_error() -> None:
+    from pixfind.errors import PixfindError
+    from pixfind.web import bind_socket
+
+    first = bind_socket("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(PixfindError, match=f"cannot listen on 127.0.0.1:{port}.*--port"):
+            bind_socket("127.0.0.1", port)
+    finally:
+        first.close()
