@@ -565,7 +565,7 @@ def open_index(settings: Settings) -> ImageIndex:
     """The index ``settings`` name, with the model the collection records."""
     from .api import ImageIndex
 
-    return ImageIndex(settings=settings)
+    return ImageIndex(settings=settings, create=False)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -618,10 +618,11 @@ def serve(
     try:
         with contextlib.suppress(Exception):
             index.search("a photo", limit=1)  # warm up: the first real query is then fast
-        count = None
+        count, where = None, settings.uri
         with contextlib.suppress(Exception):
             details = index.info()
             count = details.get("images", details.get("count"))
+            where = details.get("uri") or where
         loopback = host in LOOPBACK_HOSTS
         app = create_app(
             index,
@@ -635,7 +636,7 @@ def serve(
             shown_host = "localhost"
         url = f"http://{shown_host}:{bound_port}/"
         images = f"{count:,} images" if isinstance(count, int) else "the index"
-        say(f"pixfind: serving {images} from {settings.uri} at {url}")
+        say(f"pixfind: serving {images} from {where} at {url}")
         if loopback:
             say("  only this computer can connect (pass --host 0.0.0.0 to share it on your network)")
         else:
