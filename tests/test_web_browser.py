@@ -343,3 +343,14 @@ def test_server_answers_concurrent_browsers(browser, server: LiveServer) -> None
     finally:
         for context in contexts:
             context.close()
+
+
+def test_api_docs_page_works_offline(page, server: LiveServer) -> None:
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(server.url + "docs")
+    page.wait_for_selector(".opblock")
+    summaries = page.locator(".opblock-summary-path").all_inner_texts()
+    for path in ("/api/search", "/api/search/image", "/api/similar", "/api/info"):
+        assert path in summaries
+    assert requested and all(url.startswith(server.url) for url in requested), requested

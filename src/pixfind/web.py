@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, quote
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -393,6 +394,8 @@ def create_app(
     app = FastAPI(
         title="pixfind",
         version=__version__,
+        docs_url=None,  # served below from the package: the default page loads Swagger UI from a CDN
+        redoc_url=None,
         description="Find pictures by describing them. Hits have the shape of `pixfind search --json` "
         "plus `size` and `thumb`, `image` and `similar` URLs.",
     )
@@ -443,6 +446,18 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def page() -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": _REVALIDATE})
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        # Swagger UI shipped in static/ (swagger-ui-dist, Apache-2.0): works without internet.
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="pixfind API",
+            swagger_js_url="/static/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+            swagger_ui_parameters={"validatorUrl": None},  # the default calls validator.swagger.io
+        )
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
