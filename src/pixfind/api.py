@@ -99,7 +99,11 @@ class ImageIndex:
         """Index (or re-index, incrementally) image files under ``folders``."""
         if not folders:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
-        self.model_spec()  # fail early on a model mismatch, before scanning
+        spec = self.model_spec()  # fail early on a model mismatch, before scanning
+        if self.store.info() is None and self._encoder is None:
+            from .encoder import check_model_name
+
+            check_model_name(spec)  # a typo must not pass silently because no image was new
         indexer = Indexer(
             self.store,
             lambda: self.encoder,

@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+if not out.is_terminal:
+    out.width = 4096  # piped output: never fold a path across lines
 
 # -- shared options --------------------------------------------------------------------------
 

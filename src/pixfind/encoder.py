@@ -141,14 +141,21 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return (features / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def check_model_name(spec: ModelSpec) -> None:
+    """Refuse an architecture open_clip does not know, before any work is done."""
+    import open_clip
+
+    if spec.name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(spec.name.lower()[:5])][:5]
+        hint = ", ".join(close) if close else "ViT-B-32, ViT-B-16, ViT-L-14"
+        raise ModelLoadError(f"unknown model {spec.name!r}: choose an open_clip architecture such as {hint}")
+
+
 def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
     import open_clip
     import torch
 
-    if spec.name not in open_clip.list_models():
-        raise ModelLoadError(
-            f"unknown model {spec.name!r}: choose one of open_clip.list_models(), e.g. ViT-B-32"
-        )
+    check_model_name(spec)
     if spec.checkpoint:
         if not Path(spec.checkpoint).is_file():
             raise ModelLoadError(f"checkpoint file not found: {spec.checkpoint}")

@@ -229,10 +229,11 @@ class Store:
             raise StoreError(f"index folder {db.parent} is not writable: pass --uri with a writable path")
 
     def _connect(self) -> Any:
-        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its own errors become StoreError
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pymilvus import MilvusClient
+        for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # its errors become one StoreError line
 
         kwargs: dict[str, Any] = {"uri": self.uri}
         if self.is_server:
