@@ -260,6 +260,11 @@ def test_upload_drop_and_bad_upload(page, gallery: Path, tmp_path: Path) -> None
     assert card_paths(page)[0] == str(target)
     assert float(page.locator("#results .score").first.inner_text()) > 0.99
     assert page.locator("#status img.query-thumb").count() == 1
+    page.select_option("#k", "12")  # a new result count re-runs the same image search
+    assert wait_for_results(page, 12) == 12
+    assert card_paths(page)[0] == str(target)
+    page.select_option("#k", "24")
+    assert wait_for_results(page, 19) == 19
     screenshot = shoot(page, "web-upload.png")
     if os.environ.get("PIXFIND_UPDATE_SCREENSHOT") == "1":  # the one in the README
         (REPO / "docs").mkdir(exist_ok=True)

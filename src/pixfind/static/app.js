@@ -14,7 +14,7 @@
     vCopy: $("#viewer-copy"), vPrev: $("#viewer-prev"), vNext: $("#viewer-next"), vClose: $("#viewer-close"),
   };
 
-  const state = { hits: [], current: -1, controller: null, queryImageUrl: null, folders: new Set() };
+  const state = { hits: [], current: -1, controller: null, queryImageUrl: null, queryFile: null, folders: new Set() };
 
   // -- helpers --------------------------------------------------------------------------------
 
@@ -142,6 +142,7 @@
     pushUrl({});
     els.q.value = "";
     dropQueryImage();
+    state.queryFile = file; // kept so a new result count or folder can re-run it
     state.queryImageUrl = URL.createObjectURL(file);
     const name = file.name || "pasted image";
     return run("image", `/api/search/image?${params()}`, { method: "POST", body }, (hits, ms) => [
@@ -160,6 +161,7 @@
   function dropQueryImage() {
     if (state.queryImageUrl) URL.revokeObjectURL(state.queryImageUrl);
     state.queryImageUrl = null;
+    state.queryFile = null;
   }
 
   // -- rendering ------------------------------------------------------------------------------
@@ -297,6 +299,7 @@
     const p = new URLSearchParams(location.search);
     if (els.q.value.trim()) searchText(els.q.value);
     else if (p.get("like")) searchSimilar(p.get("like"));
+    else if (state.queryFile) searchImage(state.queryFile);
     else params();
   }
 
