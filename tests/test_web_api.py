@@ -351,14 +351,14 @@ def test_clean_path_rules() -> None:
 
 def test_non_utf8_file_names_round_trip(index, gallery: Path, tmp_path: Path) -> None:
     """A file name that is not UTF-8 keeps its exact bytes through JSON and the URLs."""
-    folder = tmp_path / "odd"
+    folder = tmp_path / os.fsdecode(b"odd \xff folder")
     folder.mkdir()
     name = os.fsdecode(b"caf\xe9 'quote' %_.jpg")  # latin-1 byte, quote, like-wildcards
     Image.new("RGB", (80, 60), (10, 200, 90)).save(folder / name, "JPEG")
     index.add(str(folder))
     app = create_app(index, tmp_path / "thumbs")
     with TestClient(app) as local:
-        hits = local.get("/api/search", params={"q": "green", "k": 3, "under": str(folder)}).json()
+        hits = local.get(f"/api/search?q=green&k=3&under={path_query(str(folder))}").json()
         assert len(hits) == 1
         assert hits[0]["path"] == str(folder / name)
         assert local.get(hits[0]["image"]).content == (folder / name).read_bytes()

@@ -435,7 +435,10 @@ def create_app(
             raise ApiError(400, f"bad request: k: at most {limits.max_results} results")
         return k
 
-    def check_under(under: str | None) -> str | None:
+    def check_under(request: Request) -> str | None:
+        # Read raw, like paths, so a folder name that is not UTF-8 cannot turn into another one;
+        # the routes' ``under`` parameters are there to document it in the OpenAPI schema.
+        under = raw_query_param(request, "under")
         if under is None or not under.strip():
             return None
         folder = os.path.expanduser(under.strip())
@@ -465,22 +468,24 @@ def create_app(
 
     @app.get("/api/search", summary="Search by text")
     def search(
+        request: Request,
         q: QueryParam,
         k: KParam = DEFAULT_RESULTS,
         under: UnderParam = None,
     ) -> Response:
-        text, folder, k = check_query(q), check_under(under), check_k(k)
+        text, folder, k = check_query(q), check_under(request), check_k(k)
         started = time.perf_counter()
         hits = service.call(index.search, text, limit=k, under=folder)
         return service.hits_json(hits, started)
 
     @app.post("/api/search/image", summary="Search by an uploaded image (multipart field `file`)")
     async def search_image(
+        request: Request,
         file: UploadParam,
         k: KParam = DEFAULT_RESULTS,
         under: UnderParam = None,
     ) -> Response:
-        folder, k = check_under(under), check_k(k)
+        folder, k = check_under(request), check_k(k)
         started = time.perf_counter()
         try:
             return await run_in_threadpool(_search_upload, service, file, k, folder, started)
@@ -498,7 +503,7 @@ def create_app(
         if target is None or not service.contains(target):
             raise ApiError(404, "not in the index: pass the path of an indexed image")
         started = time.perf_counter()
-        hits = service.call(index.similar, target, limit=check_k(k), under=check_under(under))
+        hits = service.call(index.similar, target, limit=check_k(k), under=check_under(request))
         return service.hits_json(hits, started)
 
     @app.get("/api/info", summary="What the index holds, and this server's limits")
