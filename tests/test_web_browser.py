@@ -52,16 +52,7 @@ if not CHROMIUM.exists():
 
 
 def serve_command() -> list[str]:
-    """``pixfind serve`` when the CLI has it, else the same function through ``python -m pixfind.web``."""
-    try:
-        from pixfind import cli
-
-        names = {command.name or command.callback.__name__ for command in cli.app.registered_commands}
-    except Exception:  # any problem importing the CLI: use the module entry point
-        names = set()
-    if "serve" in names:
-        return [sys.executable, "-m", "pixfind", "serve"]
-    return [sys.executable, "-m", "pixfind.web"]
+    return [sys.executable, "-m", "pixfind", "serve"]
 
 
 def child_env(workdir: Path) -> dict[str, str]:
@@ -125,8 +116,7 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(gallery: Path):
     db = gallery.parent / "index.db"
-    # Built in a child process: Milvus Lite keeps a file open until the process that opened it
-    # exits, and the server must open it next (one process at a time).
+    # Built in a child process, as a user would run `pixfind index` before `pixfind serve`.
     build = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
         "from web_support import open_test_index; open_test_index(Path(sys.argv[2]), Path(sys.argv[3])).close()"

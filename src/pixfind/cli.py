@@ -325,6 +325,28 @@ def _human_bytes(count: int) -> str:
     return f"{count} B"
 
 
+# -- serve -----------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 exposes it to your network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = 8000,
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    device: DeviceOpt = None,
+    wait: WaitOpt = False,
+) -> None:
+    """A web page and JSON API for searching the index, with the model loaded once."""
+    from .web import serve as run_server
+
+    index = _open(uri, token, collection, device=device, wait=wait, create=False)
+    run_server(index.settings, host=host, port=port, index=index, echo=lambda line: err.print(line, markup=False))
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 

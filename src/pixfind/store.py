@@ -268,6 +268,8 @@ class Store:
             with contextlib.suppress(Exception):
                 client.close()
             self.client = None
+            if not self.is_server:
+                _release_lite(self.uri)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -514,6 +516,15 @@ def _delete_count(result: Any, default: int) -> int:
         return len(result)
     except TypeError:
         return default
+
+
+def _release_lite(db: str) -> None:
+    """Stop the Milvus Lite engine of ``db``: pymilvus leaves it running (holding the file) until
+    the process exits, so another process could not open the index after :meth:`Store.close`."""
+    with contextlib.suppress(Exception):
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(db)
 
 
 def _looks_like_lite(db: Path) -> bool:
