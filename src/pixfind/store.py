@@ -241,7 +241,7 @@ class Store:
             if self.token:
                 kwargs["token"] = self.token
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _sigint_kept_from_child(not self.is_server):
                 warnings.simplefilter("ignore")
                 return MilvusClient(**kwargs)
         except Exception as exc:
@@ -541,3 +541,21 @@ def _server_answers(uri: str) -> bool:
 def _short(text: str) -> str:
     line = " ".join(text.split())
     return line[:200]
+
+
+@contextlib.contextmanager
+def _sigint_kept_from_child(active: bool) -> Iterator[None]:
+    """Start Milvus Lite's server process with SIGINT blocked, so that a Ctrl-C (which the terminal
+    sends to the whole process group) reaches pixfind only. Without this the server dies on the
+    first Ctrl-C, and the batch pixfind then writes before stopping hangs in pymilvus's retries.
+    The signal stays pending here while blocked and is handled as soon as the server is up."""
+    import signal
+
+    if not active or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
