@@ -268,6 +268,13 @@ class Store:
             with contextlib.suppress(Exception):
                 client.close()
             self.client = None
+            if not self.is_server:
+                # pymilvus keeps the embedded server (and its hold on the file) until the process
+                # exits; stop it so another process can open the index once this Store is closed
+                with contextlib.suppress(Exception):
+                    from milvus_lite.server_manager import server_manager_instance
+
+                    server_manager_instance.release_server(self.uri)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
