@@ -339,9 +339,7 @@ def _prepare(item: _Todo, encoder: Encoder, min_side: int | None) -> _Prepared |
     return _Prepared(item, pixels, loaded.width, loaded.height, fp)
 
 
-def _scan_all(
-    folders: Sequence[str], report: IndexReport, stop: threading.Event
-) -> Iterator[tuple[FileEntry, str]]:
+def _scan_all(folders: Sequence[str], report: IndexReport, stop: threading.Event) -> Iterator[tuple[FileEntry, str]]:
     for folder in folders:
         for found in scan(folder):
             if stop.is_set():
