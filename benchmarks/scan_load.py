@@ -80,7 +80,7 @@ class Recorder:
     def scanning(self, found: int) -> None:
         self.scanning_calls += 1
         self.last_found = found
-        if self.first_s is None:
+        if self.first_s is None and found > 0:
             self.first_s = time.perf_counter() - self.started
 
     def start_embedding(self, total: int) -> None:

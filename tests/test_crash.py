@@ -75,7 +75,8 @@ def make_library(folder: Path, count: int, start: int = 0) -> list[Path]:
 
 
 def good_images(folder: Path) -> set[str]:
-    return {str(p) for p in folder.rglob("*.jpg") if p.stat().st_size > 0}
+    """The images that must be stored: all but the empty and the cut-short ones."""
+    return {str(p) for p in folder.rglob("*.jpg") if p.stat().st_size > 0 and p.name != "cut.jpg"}
 
 
 def stored_state(uri: str) -> tuple[list[str], int, dict[str, tuple[int, int, float]]]:

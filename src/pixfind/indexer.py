@@ -170,6 +170,7 @@ class Indexer:
     def _plan(self, folders: Sequence[str], report: IndexReport) -> list[_Todo]:
         todo: list[_Todo] = []
         found = 0
+        self.progress.scanning(0)  # shows that a scan is under way before the first image is found
         collection_has_rows = self.store.exists() and self.store.count() > 0
         for chunk in _chunks(_scan_all(folders, report, self.stop), PLAN_CHUNK):
             if self.stop.is_set():
