@@ -6,7 +6,6 @@ non-zero exit code; nothing here prints a traceback unless ``PIXFIND_DEBUG=1``.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -129,10 +128,14 @@ def index(
         draft=False if no_draft else None,
     ) as idx:
         progress = RichProgress(disable=quiet or not err.is_terminal)
+        # from here a Ctrl-C (also during the scan or the model load) stops after the current
+        # batch and keeps what was written; before it there is nothing to save
         with _stop_on_sigint(stop):
             result = idx.add(*folders, progress=progress, stop=stop)
     if report:
-        report.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        from .render import json_text
+
+        report.write_text(json_text(result.to_dict()), encoding="utf-8")
     if not quiet:
         from .render import summary_lines
 
@@ -299,7 +302,9 @@ def info(
     with _open(uri, token, collection, wait=wait, create=False) as idx:
         data = idx.info()
     if as_json:
-        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        from .render import json_text
+
+        sys.stdout.write(json_text(data) + "\n")
         return
     rows = [("index", data["uri"]), ("backend", data["backend"]), ("collection", data["collection"])]
     if data["exists"]:

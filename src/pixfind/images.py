@@ -71,7 +71,7 @@ def _decode(img: Image.Image, min_side: int | None) -> LoadedImage:
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise ImageLoadError(f"too large: {width}x{height} px (limit {MAX_PIXELS // 1_000_000} MP)")
-    if getattr(img, "n_frames", 1) > 1:
+    if getattr(img, "is_animated", False):  # not n_frames: that walks every frame of the file
         img.seek(0)  # animated GIF/WebP/TIFF: the first frame stands for the file
     if min_side and img.format == "JPEG":
         img.draft(img.mode, (min_side, min_side))

@@ -29,8 +29,8 @@ import numpy as np
 
 from .config import ModelSpec
 from .errors import PixfindError
-from .images import ImageLoadError, load_image
-from .pathkeys import key_fits, key_of, path_of
+from .images import ImageLoadError, describe_failure, load_image
+from .pathkeys import MAX_KEY_BYTES, key_fits, key_of, path_of
 from .scanner import FileEntry, ScanProblem, fingerprint, is_indexable, scan
 from .store import Row, Store
 
@@ -170,8 +170,9 @@ class Indexer:
     def _plan(self, folders: Sequence[str], report: IndexReport) -> list[_Todo]:
         todo: list[_Todo] = []
         found = 0
+        self.progress.scanning(0)  # shows that a scan is under way before the first image is found
         collection_has_rows = self.store.exists() and self.store.count() > 0
-        for chunk in _chunks(_scan_all(folders, report), PLAN_CHUNK):
+        for chunk in _chunks(_scan_all(folders, report, self.stop), PLAN_CHUNK):
             if self.stop.is_set():
                 break
             found += len(chunk)
@@ -242,7 +243,8 @@ class Indexer:
         started = time.perf_counter()
         pending: list[Row] = []
         batch: list[_Prepared] = []
-        for prepared in self._prepare_all(todo, encoder, report):
+        prepared_files = self._prepare_all(todo, encoder, report)
+        for prepared in prepared_files:
             batch.append(prepared)
             if len(batch) >= self.batch_size:
                 pending.extend(self._encode(batch, encoder, report))
@@ -250,6 +252,9 @@ class Indexer:
                 if len(pending) >= WRITE_EVERY:
                     self.store.write(pending)
                     pending = []
+                if self.stop.is_set():
+                    break  # stop after the batch in hand: files decoded ahead are dropped
+        prepared_files.close()  # cancels the look-ahead still queued
         if batch:
             pending.extend(self._encode(batch, encoder, report))
         if pending:
@@ -328,22 +333,24 @@ def _prepare(item: _Todo, encoder: Encoder, min_side: int | None) -> _Prepared |
         pixels = encoder.preprocess(loaded.image)
     except ImageLoadError as exc:
         return (path, exc.reason)
-    except OSError as exc:
-        return (path, exc.strerror or str(exc))
+    except OSError as exc:  # from the fingerprint: the file vanished or became unreadable
+        return (path, describe_failure(exc, path))
     except Exception as exc:
         return (path, f"cannot process: {exc}")
     return _Prepared(item, pixels, loaded.width, loaded.height, fp)
 
 
-def _scan_all(folders: Sequence[str], report: IndexReport) -> Iterator[tuple[FileEntry, str]]:
+def _scan_all(folders: Sequence[str], report: IndexReport, stop: threading.Event) -> Iterator[tuple[FileEntry, str]]:
     for folder in folders:
         for found in scan(folder):
+            if stop.is_set():
+                return  # Ctrl-C while scanning a large tree: stop now, not at the next chunk
             if isinstance(found, ScanProblem):
                 report.failed.append((found.path, found.reason))
                 continue
             key = key_of(found.path)
             if not key_fits(key):
-                report.failed.append((found.path, "path too long to store (over 8192 bytes)"))
+                report.failed.append((found.path, f"path too long to store (over {MAX_KEY_BYTES:,} bytes as a key)"))
                 continue
             yield found, key
 

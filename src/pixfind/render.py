@@ -19,7 +19,15 @@ _LABEL_BAND = 22
 
 
 def hits_json(hits: Sequence[Hit]) -> str:
-    return json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2)
+    return json_text([hit.to_dict() for hit in hits])
+
+
+def json_text(data: object) -> str:
+    """JSON that can always be printed: readable UTF-8, except that bytes of a file name that are
+    not UTF-8 (held as lone surrogates) become ``\\udcXX`` escapes instead of an encoding error.
+    ``json.loads`` gives back the same string, and ``os.fsencode`` of it the original bytes."""
+    text = json.dumps(data, ensure_ascii=False, indent=2)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def hits_table(hits: Sequence[Hit]) -> object:

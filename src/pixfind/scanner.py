@@ -7,7 +7,11 @@ Rules:
 * symbolic links are followed, to files and to folders, also outside the root; each real folder is
   entered once (by device and inode), so link loops end and nothing is found twice through two
   routes. A file is stored under the path through which it was found;
-* folders that cannot be listed are reported as problems, and the scan goes on.
+* folders that cannot be listed, broken links and pipes, sockets or devices with an image
+  extension are reported as problems (each with its reason), and the scan goes on; a folder
+  whose name has an image extension (``x.jpg/``) is a folder like any other;
+* the scan streams: memory holds one folder's listing and the stack of folders still to visit,
+  never the whole tree.
 """
 
 from __future__ import annotations
@@ -81,9 +85,21 @@ def _classify(entry: os.DirEntry[str], seen: set[tuple[int, int]]) -> FileEntry 
             return None
         seen.add(key)
         return entry.path
-    if stat.S_ISREG(info.st_mode) and has_image_extension(entry.name):
+    if not has_image_extension(entry.name):
+        return None
+    if stat.S_ISREG(info.st_mode):
         return FileEntry(entry.path, info.st_size, info.st_mtime_ns)
-    return None
+    return ScanProblem(entry.path, f"not a regular file ({_kind(info.st_mode)})")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "named pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
 
 
 def is_indexable(path: str) -> bool:

@@ -119,6 +119,17 @@ class SearchHit:
     size: int
 
 
+#: Seconds one Milvus Lite call may take, retries included (without it pymilvus retries a failing
+#: call 75 times, for 3.5 minutes, e.g. when the disk is full). The slowest normal call (1,000-row
+#: upsert, 1M-row search) takes well under a second.
+LITE_CALL_TIMEOUT_S = 60
+#: File names Milvus Lite 2.5 accepts for its database (it refuses others with a traceback).
+LITE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+LITE_NAME_MAX = 36
+#: Free space below which a failed write on Milvus Lite is reported as "disk full".
+NEARLY_FULL_BYTES = 4 << 20
+
+
 class LiteLock:
     """An ``fcntl`` lock on a side file of a Milvus Lite database.
 
@@ -156,8 +167,9 @@ class LiteLock:
                         "concurrent access"
                     ) from None
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is only for messages; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -203,7 +215,7 @@ class Store:
             self._lock = LiteLock(db, wait=wait)
             self._lock.acquire()
         try:
-            self.client = self._connect()
+            self.client = self._connect() if self.is_server else self._connect_lite()
         except BaseException:
             self.close()
             raise
@@ -212,6 +224,11 @@ class Store:
 
     @staticmethod
     def _prepare_lite_path(db: Path) -> None:
+        if not set(db.name) <= LITE_NAME_CHARS or len(db.name) > LITE_NAME_MAX:
+            raise StoreError(
+                f"Milvus Lite cannot use the file name {db.name!r}: use at most {LITE_NAME_MAX} letters, "
+                "digits, '.', '-' or '_' (e.g. --uri pixfind.db)"
+            )
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -241,11 +258,24 @@ class Store:
             if self.token:
                 kwargs["token"] = self.token
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _sigint_kept_from_child(not self.is_server):
                 warnings.simplefilter("ignore")
                 return MilvusClient(**kwargs)
         except Exception as exc:
             raise self._connection_error(exc) from exc
+
+    def _connect_lite(self) -> Any:
+        try:
+            return self._connect()
+        except StoreError as exc:
+            if "Open local milvus failed" not in str(exc):
+                raise
+            if _nearly_full(Path(self.uri).parent):
+                raise StoreError(f"no space left for index {self.uri}: free some disk space and run again") from exc
+            raise StoreError(
+                f"Milvus Lite could not open {self.uri}: the file is damaged, or a program other than "
+                "pixfind has it open; move it away or pass --uri with another path"
+            ) from exc
 
     def _connection_error(self, exc: BaseException) -> StoreError:
         text = str(exc)
@@ -301,6 +331,7 @@ class Store:
                     f"pixfind (v{SCHEMA_VERSION}): upgrade pixfind"
                 )
             self._check_fields(description)
+            _check_vector_dim(description, info, self.collection)
             self._info = info
         return self._info
 
@@ -470,6 +501,8 @@ class Store:
     # -- errors ---------------------------------------------------------------------------------
 
     def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.is_server and getattr(func, "__self__", None) is self.client:
+            kwargs.setdefault("timeout", LITE_CALL_TIMEOUT_S)  # bounds pymilvus's retries too
         try:
             return func(*args, **kwargs)
         except Exception as exc:
@@ -478,6 +511,12 @@ class Store:
             raise
 
     def _operation_error(self, exc: BaseException) -> StoreError:
+        if not self.is_server and _nearly_full(Path(self.uri).parent):
+            # Milvus Lite only says "Unexpected error in RPC handling" when its disk is full
+            return StoreError(
+                f"no space left for index {self.uri}: free some disk space and run again "
+                "(everything written before is kept)"
+            )
         text = _short(str(getattr(exc, "message", "") or exc))
         lowered = text.lower()
         if "auth" in lowered or "permission denied" in lowered:
@@ -528,12 +567,23 @@ def _release_lite(db: str) -> None:
 
 
 def _looks_like_lite(db: Path) -> bool:
-    """Milvus Lite 2.5 files are SQLite databases."""
+    """Milvus Lite 2.5 files are SQLite databases with its ``collection_meta`` table. Another
+    program's SQLite database is not one: Milvus Lite would add its tables to it."""
     try:
         with db.open("rb") as fh:
-            return fh.read(16) == b"SQLite format 3\x00"
+            if fh.read(16) != b"SQLite format 3\x00":
+                return False
     except OSError:
         return False
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=5)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return False
+    return "collection_meta" in tables
 
 
 def _server_answers(uri: str) -> bool:
@@ -549,6 +599,45 @@ def _server_answers(uri: str) -> bool:
         return False
 
 
+def _check_vector_dim(description: dict[str, Any], info: CollectionInfo, name: str) -> None:
+    """The vector field must have the dimension the collection's record claims."""
+    for field in description.get("fields", []):
+        if field.get("name") == VECTOR:
+            dim = (field.get("params") or {}).get("dim")
+            if dim is not None and int(dim) != info.dim:
+                raise StoreError(
+                    f"collection {name!r} records {info.model.describe()} vectors of dimension "
+                    f"{info.dim} but stores dimension {dim}: it is damaged or was changed by another "
+                    "tool; choose another with --collection"
+                )
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        info = os.statvfs(folder)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < NEARLY_FULL_BYTES
+
+
 def _short(text: str) -> str:
     line = " ".join(text.split())
     return line[:200]
+
+
+@contextlib.contextmanager
+def _sigint_kept_from_child(active: bool) -> Iterator[None]:
+    """Start Milvus Lite's server process with SIGINT blocked, so that a Ctrl-C (which the terminal
+    sends to the whole process group) reaches pixfind only. Without this the server dies on the
+    first Ctrl-C, and the batch pixfind then writes before stopping hangs in pymilvus's retries.
+    The signal stays pending here while blocked and is handled as soon as the server is up."""
+    import signal
+
+    if not active or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
