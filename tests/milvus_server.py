@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import json
 import os
 import shutil
@@ -125,7 +124,10 @@ class MilvusServer:
                             "wrapper": str(wrapper),
                             "data": str(self.data_dir),
                             "auth": self.auth,
-                            "fds": {str(grpc_sock.fileno()): INNER_GRPC, str(health_sock.fileno()): INNER_HEALTH},
+                            "fds": {
+                                str(grpc_sock.fileno()): INNER_GRPC,
+                                str(health_sock.fileno()): INNER_HEALTH,
+                            },
                         }
                     ),
                 ],
@@ -182,7 +184,7 @@ class MilvusServer:
                 finally:
                     client.close()
                 return True
-            except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            except Exception as exc:  # retried until the deadline
                 last = exc
                 time.sleep(0.3)
         raise ServerStartError(f"Milvus gRPC not ready: {last}: {self._log_tail()}")
