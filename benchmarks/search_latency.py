@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -164,16 +165,17 @@ def main() -> int:
     parser.add_argument("--backends", default="lite,server")
     parser.add_argument("--ef", default=None, help="server search ef, comma-separated (default: pixfind's)")
     parser.add_argument("--index", default=None, help="server index type to use instead of pixfind's")
+    parser.add_argument("--index-params", default=None, help="JSON build params, e.g. '{\"M\": 16}'")
     parser.add_argument("--uri", help="use this Milvus server instead of starting one")
     parser.add_argument("--token")
     args = parser.parse_args()
     args.ef = [int(x) for x in args.ef.split(",")] if args.ef else [store_mod.default_search_ef()]
-    if args.index:
-        store_mod.SERVER_INDEX = {
-            "index_type": args.index,
-            "metric_type": "COSINE",
-            "params": {"nlist": 1024} if args.index.startswith("IVF") else store_mod.SERVER_INDEX["params"],
-        }
+    if args.index or args.index_params:
+        kind = args.index or store_mod.SERVER_INDEX["index_type"]
+        params = {"nlist": 1024} if kind.startswith("IVF") else store_mod.SERVER_INDEX["params"]
+        if args.index_params:
+            params = json.loads(args.index_params)
+        store_mod.SERVER_INDEX = {"index_type": kind, "metric_type": "COSINE", "params": params}
     lines = []
     for backend in args.backends.split(","):
         if backend == "lite":
