@@ -1,17 +1,107 @@
-"""Shared fixtures: the session's Milvus server and the ``backend`` every store test runs on."""
+"""Shared fixtures: a small real open_clip model with random weights, drawn test images, indexes.
+
+No mocks: every test that stores vectors uses a real Milvus Lite file, every embedding comes from
+a real open_clip architecture (random weights from pixfind's fixed seed; compute is the same).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from milvus_server import MilvusServer
+from PIL import Image
 
 from pixfind.store import Store
+
+# Keep the CLI and the API off the user's real data and weights folders, and offline.
+os.environ.setdefault("PIXFIND_PRETRAINED", "none")
+os.environ.setdefault("PIXFIND_MODEL", "ViT-S-32")
+os.environ.setdefault("PIXFIND_THREADS", "2")
+
+SMALL_MODEL = "ViT-S-32"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.mktemp("pixfind-home")
+    monkeypatch.setenv("PIXFIND_DATA_DIR", str(home / "data"))
+    monkeypatch.setenv("PIXFIND_CACHE_DIR", str(home / "cache"))
+
+
+@pytest.fixture(scope="session")
+def small_encoder():  # type: ignore[no-untyped-def]
+    """ViT-S-32 with pixfind's seeded random weights, loaded once per test session."""
+    from pixfind.config import ModelSpec
+    from pixfind.encoder import ClipEncoder, configure_threads
+
+    configure_threads(2)
+    return ClipEncoder(ModelSpec(SMALL_MODEL, None), "cpu")
+
+
+def draw_photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A photo-like picture: smooth gradients and a few shapes, different for every seed."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = [*rng.uniform(0.5, 4, 2).tolist(), rng.uniform(0, 6.28)]
+        channels.append(127 + 100 * np.sin(x / width * fx * 6.28 + phase) * np.cos(y / height * fy * 3.14))
+    array = np.clip(np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 3)), 0, 255)
+    return Image.fromarray(array.astype(np.uint8), "RGB")
+
+
+@pytest.fixture
+def make_images() -> Callable[..., list[Path]]:
+    """Write ``count`` distinct JPEGs into ``folder``; returns their paths."""
+
+    def make(
+        folder: Path, count: int, start: int = 0, ext: str = ".jpg", size: tuple[int, int] = (320, 240)
+    ) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for seed in range(start, start + count):
+            path = folder / f"img_{seed:04d}{ext}"
+            draw_photo(seed, size).save(path)
+            paths.append(path)
+        return paths
+
+    return make
+
+
+@pytest.fixture
+def lite_uri(tmp_path: Path) -> str:
+    return str(tmp_path / "index" / "pixfind.db")
+
+
+@pytest.fixture
+def index_factory(small_encoder, lite_uri: str) -> Iterator[Callable[..., object]]:  # type: ignore[no-untyped-def]
+    """Open ImageIndex objects on a fresh Lite file, sharing the loaded model; closes them all."""
+    from pixfind.api import ImageIndex
+    from pixfind.config import ModelSpec
+
+    opened: list[ImageIndex] = []
+
+    def open_index(uri: str | None = None, **kwargs: object) -> ImageIndex:
+        kwargs.setdefault("model", ModelSpec(SMALL_MODEL, None))
+        kwargs.setdefault("encoder", small_encoder)
+        idx = ImageIndex(uri=uri or lite_uri, **kwargs)  # type: ignore[arg-type]
+        opened.append(idx)
+        return idx
+
+    yield open_index
+    for idx in opened:
+        idx.close()
+
+
+# -- Milvus server and the backend matrix -------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,37 @@
-"""pixfind: find pictures by describing them."""
+"""pixfind: find pictures by describing them.
+
+Heavy modules (torch, open_clip, pymilvus) load only when used, so ``import pixfind`` is instant.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+__all__ = ["Hit", "ImageIndex", "IndexReport", "PixfindError"]
+
+if TYPE_CHECKING:
+    from .api import ImageIndex
+    from .errors import PixfindError
+    from .indexer import IndexReport
+    from .search import Hit
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ImageIndex":
+        from .api import ImageIndex
+
+        return ImageIndex
+    if name == "Hit":
+        from .search import Hit
+
+        return Hit
+    if name == "IndexReport":
+        from .indexer import IndexReport
+
+        return IndexReport
+    if name == "PixfindError":
+        from .errors import PixfindError
+
+        return PixfindError
+    raise AttributeError(name)

@@ -59,7 +59,7 @@ class ClipEncoder:
         size = getattr(self.model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.dim = int(self.encode_texts(["a photo"]).shape[1])
-        self._trim_text = getattr(self.model, "text_pool_type", None) == "argmax"
+        self._trim_text = can_trim_text(self.model)
 
     @property
     def draft_side(self) -> int:
@@ -91,12 +91,41 @@ class ClipEncoder:
         makes a short query about 2x cheaper (equality is checked in the tests).
         """
         torch = self._torch
-        tokens = self._tokenizer(texts)
-        if getattr(self, "_trim_text", False):
-            tokens = trim_padding(tokens)
+        tokens = self._tokenizer(texts).to(self.device)
         with torch.inference_mode():
-            features = self.model.encode_text(tokens.to(self.device))
+            if getattr(self, "_trim_text", False):
+                features = encode_text_trimmed(self.model, trim_padding(tokens))
+            else:
+                features = self.model.encode_text(tokens)
         return _normalise(features.float().cpu().numpy())
+
+
+def can_trim_text(model: Any) -> bool:
+    """True for the classic CLIP text tower: causal mask, pooled at the EOT (argmax) token."""
+    return (
+        getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+        and hasattr(model, "positional_embedding")
+        and hasattr(model, "token_embedding")
+    )
+
+
+def encode_text_trimmed(model: Any, tokens: Any) -> Any:
+    """open_clip's ``CLIP.encode_text`` on a shortened context (positions and mask sliced)."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, "argmax")
+    projection = model.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
 
 def trim_padding(tokens: Any) -> Any:
@@ -112,14 +141,21 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return (features / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def check_model_name(spec: ModelSpec) -> None:
+    """Refuse an architecture open_clip does not know, before any work is done."""
+    import open_clip
+
+    if spec.name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(spec.name.lower()[:5])][:5]
+        hint = ", ".join(close) if close else "ViT-B-32, ViT-B-16, ViT-L-14"
+        raise ModelLoadError(f"unknown model {spec.name!r}: choose an open_clip architecture such as {hint}")
+
+
 def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
     import open_clip
     import torch
 
-    if spec.name not in open_clip.list_models():
-        raise ModelLoadError(
-            f"unknown model {spec.name!r}: choose one of open_clip.list_models(), e.g. ViT-B-32"
-        )
+    check_model_name(spec)
     if spec.checkpoint:
         if not Path(spec.checkpoint).is_file():
             raise ModelLoadError(f"checkpoint file not found: {spec.checkpoint}")
@@ -133,6 +169,8 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
                 "or --checkpoint FILE"
             )
     weights_dir = cache_dir() / "weights"
+    if pretrained and not spec.checkpoint:
+        _fail_fast_when_offline(spec, weights_dir)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -145,7 +183,7 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
             )
     except ModelLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - downloads fail in many ways; all mean the same
+    except Exception as exc:
         if spec.checkpoint:
             raise ModelLoadError(
                 f"cannot load checkpoint {spec.checkpoint} into {spec.name}: {_first_line(exc)}"
@@ -157,6 +195,49 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         ) from exc
     tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=str(weights_dir))
     return model, transform, tokenizer
+
+
+_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
+    """Without a network, open_clip spends ~45 s in download retries before failing. When the
+    weights are not cached and the hub cannot be reached in a few seconds, say so at once."""
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "")
+    hub_id = (config.get("hf_hub") or "").rstrip("/")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in _WEIGHT_FILES:
+            for folder in (str(weights_dir), None):
+                if isinstance(try_to_load_from_cache(hub_id, filename, cache_dir=folder), str):
+                    return
+        host = "huggingface.co"
+    else:
+        url = config.get("url", "")
+        if url and (weights_dir / os.path.basename(url)).exists():
+            return
+        host = url.split("/")[2] if url.count("/") >= 2 else ""
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _reachable(host):
+        raise ModelLoadError(
+            f"weights for {spec.describe()} are not cached and {host or 'the model hub'} cannot be reached: "
+            f"connect to the internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
+            "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
+        )
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _quietly(func: Any, *args: Any, **kwargs: Any) -> Any:

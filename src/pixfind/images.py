@@ -63,7 +63,7 @@ def load_image(path: str | Path, min_side: int | None = None) -> LoadedImage:
             return _decode(img, min_side)
     except ImageLoadError:
         raise
-    except Exception as exc:  # noqa: BLE001 - every failure of one file is that file's reason
+    except Exception as exc:
         raise ImageLoadError(describe_failure(exc, path)) from exc
 
 
@@ -89,7 +89,7 @@ def _rotated(img: Image.Image) -> bool:
     """True when the EXIF orientation swaps width and height (5-8)."""
     try:
         return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    except Exception:  # noqa: BLE001 - a broken EXIF block just means "not rotated"
+    except Exception:
         return False
 
 
@@ -105,7 +105,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         mode = img.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
 
@@ -144,7 +144,7 @@ def describe_failure(exc: BaseException, path: str | Path = "") -> str:
             pass
         return "not an image (unknown or corrupt format)"
     text = str(exc)
-    if "truncated" in text or isinstance(exc, EOFError):
+    if "truncated" in text.lower() or isinstance(exc, EOFError):
         return "truncated image"
     if isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ENXIO):
         return f"I/O error: {exc.strerror}"

@@ -159,9 +159,7 @@ class LiteLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StoreError(
-                f"cannot create {self.path}: {exc.strerror}; choose a writable place with --uri"
-            ) from exc
+            raise StoreError(f"cannot create {self.path}: {exc.strerror}; choose a writable place with --uri") from exc
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
@@ -208,6 +206,7 @@ class Store:
         token: str | None = None,
         collection: str = "pixfind",
         wait: bool = False,
+        create: bool = True,
         search_ef: int | None = None,
     ) -> None:
         """``search_ef``: effort of a server search (HNSW ``ef``; IVF ``nprobe`` is derived from
@@ -226,6 +225,8 @@ class Store:
         self._deleted = False  # deleted on a server since the last Strong read
         if not self.is_server:
             db = Path(uri).expanduser().absolute()
+            if not create and not db.exists():
+                raise StoreError(f"no index at {db} yet: run `pixfind index FOLDER` first, or pass --uri")
             self._prepare_lite_path(db)
             self.uri = str(db)
             self._lock = LiteLock(db, wait=wait)
@@ -260,8 +261,8 @@ class Store:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pymilvus import MilvusClient
-        # pymilvus logs every failure at ERROR on stderr; pixfind reports them in one line itself
-        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+        for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # its errors become one StoreError line
 
         if self.is_server:
             self._check_reachable()
@@ -274,7 +275,7 @@ class Store:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return MilvusClient(**kwargs)
-        except Exception as exc:  # translated into one clear line
+        except Exception as exc:
             raise self._connection_error(exc) from exc
 
     def _check_reachable(self) -> None:
@@ -334,12 +335,7 @@ class Store:
                 client.close()
             self.client = None
             if not self.is_server:
-                # pymilvus keeps the embedded server (and its hold on the file) until the process
-                # exits; stop it so another process can open the index once this Store is closed
-                with contextlib.suppress(Exception):
-                    from milvus_lite.server_manager import server_manager_instance
-
-                    server_manager_instance.release_server(self.uri)
+                _release_lite(self.uri)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -448,9 +444,7 @@ class Store:
     def count(self) -> int:
         if not self.exists():
             return 0
-        result = self._call(
-            self.client.query, self.collection, filter="", output_fields=["count(*)"], **self._reads()
-        )
+        result = self._call(self.client.query, self.collection, filter="", output_fields=["count(*)"], **self._reads())
         return int(result[0]["count(*)"]) if result else 0
 
     def sync(self) -> None:
@@ -641,7 +635,7 @@ class Store:
             kwargs.setdefault("retry_times", SERVER_RETRIES)
         try:
             return func(*args, **kwargs)
-        except Exception as exc:  # translated into one clear line
+        except Exception as exc:
             if type(exc).__module__.startswith("pymilvus") or "grpc" in type(exc).__module__:
                 raise self._operation_error(exc) from exc
             raise
@@ -652,9 +646,7 @@ class Store:
         if "auth" in lowered or "permission denied" in lowered:
             return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
         if "unavailable" in lowered or "connect" in lowered:
-            return StoreError(
-                f"lost connection to Milvus at {self.uri}: is the server still running? ({text})"
-            )
+            return StoreError(f"lost connection to Milvus at {self.uri}: is the server still running? ({text})")
         if "no space" in lowered or "disk" in lowered:
             return StoreError(f"index {self.uri} could not be written ({text}): free disk space")
         return StoreError(f"Milvus error on {self.uri} ({self.collection}): {text}")
@@ -677,6 +669,15 @@ def _hit(item: dict[str, Any]) -> SearchHit:
         height=int(entity.get("height", 0)),
         size=int(entity.get("size", 0)),
     )
+
+
+def _release_lite(db: str) -> None:
+    """Stop the Milvus Lite engine of ``db``: pymilvus leaves it running (holding the file) until
+    the process exits, so another process could not open the index after :meth:`Store.close`."""
+    with contextlib.suppress(Exception):
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(db)
 
 
 def _looks_like_lite(db: Path) -> bool:

@@ -1,0 +1,204 @@
+"""The Python API: one object that indexes folders and answers queries.
+
+    from pixfind import ImageIndex
+    with ImageIndex(uri="milvus.db") as idx:
+        idx.add("./photos")
+        for hit in idx.search("a white dog", limit=10):
+            print(hit.score, hit.path)
+
+The model is loaded on first use and kept; the collection records which model built it, and a
+later ImageIndex uses that one unless told otherwise (another model is an error, never a mix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ModelSpec, Settings
+from .errors import PixfindError
+from .indexer import Indexer, IndexReport, Progress
+from .pathkeys import key_of
+from .search import Hit, candidate_paths, image_vector, nearest, stored_vector, text_vector
+from .store import Store, check_same_model
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .encoder import ClipEncoder
+
+
+class ImageIndex:
+    def __init__(
+        self,
+        uri: str | None = None,
+        token: str | None = None,
+        collection: str | None = None,
+        model: str | ModelSpec | None = None,
+        pretrained: str | None = None,
+        checkpoint: str | None = None,
+        device: str | None = None,
+        wait: bool = False,
+        settings: Settings | None = None,
+        create: bool = True,
+        encoder: ClipEncoder | None = None,
+    ) -> None:
+        base = settings or Settings.from_env()
+        spec = _spec_from_args(model, pretrained, checkpoint, base.model)
+        self.settings = replace(
+            base,
+            uri=uri or base.uri,
+            token=token if token is not None else base.token,
+            collection=collection or base.collection,
+            model=spec,
+            device=device or base.device,
+        )
+        self.store = Store(self.settings.uri, self.settings.token, self.settings.collection, wait=wait, create=create)
+        self._encoder: ClipEncoder | None = encoder  # a loaded model may be shared between indexes
+        self._encoder_lock = threading.Lock()
+
+    # -- model ------------------------------------------------------------------------------
+
+    def model_spec(self) -> ModelSpec:
+        """The model of the collection if it exists (checked against any requested), else the
+        requested one, else the default ViT-B-32 / openai."""
+        info = self.store.info()
+        if info is not None:
+            if self.settings.model is not None:
+                check_same_model(info, self.settings.model, None, self.settings.collection)
+            return info.model
+        return self.settings.model or ModelSpec()
+
+    @property
+    def encoder(self) -> ClipEncoder:
+        with self._encoder_lock:
+            if self._encoder is None:
+                from .encoder import ClipEncoder, configure_threads
+
+                configure_threads()
+                self._encoder = ClipEncoder(self.model_spec(), self.settings.device)
+            info = self.store.info()
+            if info is not None:
+                check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
+            return self._encoder
+
+    # -- indexing ---------------------------------------------------------------------------
+
+    def add(
+        self,
+        *folders: str | Path,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
+    ) -> IndexReport:
+        """Index (or re-index, incrementally) image files under ``folders``."""
+        if not folders:
+            raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
+        spec = self.model_spec()  # fail early on a model mismatch, before scanning
+        if self.store.info() is None and self._encoder is None:
+            from .encoder import check_model_name
+
+            check_model_name(spec)  # a typo must not pass silently because no image was new
+        indexer = Indexer(
+            self.store,
+            lambda: self.encoder,
+            batch_size=batch_size or self.settings.batch_size or _default_batch(self.settings.device),
+            workers=workers or self.settings.workers,
+            draft=self.settings.draft,
+            progress=progress,
+            stop=stop,
+        )
+        return indexer.run([str(f) for f in folders])
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def search(self, text: str, limit: int = 10, under: str | None = None) -> list[Hit]:
+        """Images that match a description, best first."""
+        self._require_rows()
+        return nearest(self.store, text_vector(self.encoder, text), limit, under)
+
+    def search_image(self, image: str | Path | Image.Image, limit: int = 10, under: str | None = None) -> list[Hit]:
+        """Images that look like ``image`` (a file or a PIL image), best first."""
+        self._require_rows()
+        return nearest(self.store, image_vector(self.encoder, image), limit, under)
+
+    def similar(self, path: str, limit: int = 10, under: str | None = None) -> list[Hit]:
+        """Images that look like an indexed file, using its stored vector."""
+        self._require_rows()
+        return nearest(self.store, stored_vector(self.store, path), limit, under)
+
+    def contains(self, path: str) -> bool:
+        keys = [key_of(p) for p in candidate_paths(path)]
+        return self.store.exists() and bool(self.store.lookup(keys))
+
+    def info(self) -> dict[str, Any]:
+        """Where the index is and what it holds; loads no model."""
+        info = self.store.info()
+        data: dict[str, Any] = {
+            "uri": self.store.uri,
+            "collection": self.settings.collection,
+            "backend": "milvus-server" if self.store.is_server else "milvus-lite",
+            "exists": info is not None,
+            "images": self.store.count() if info is not None else 0,
+        }
+        if info is not None:
+            data.update(model=info.model.name, weights=info.model.weights, dim=info.dim, schema=info.schema)
+        if not self.store.is_server:
+            data["size_bytes"] = _disk_size(self.store.uri)
+        return data
+
+    def drop(self) -> None:
+        self.store.drop()
+
+    def _require_rows(self) -> None:
+        if self.store.info() is None or self.store.count() == 0:
+            raise PixfindError(f"the index at {self.store.uri} is empty: run `pixfind index FOLDER` first")
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> ImageIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _spec_from_args(
+    model: str | ModelSpec | None, pretrained: str | None, checkpoint: str | None, env: ModelSpec | None
+) -> ModelSpec | None:
+    if isinstance(model, ModelSpec):
+        return model
+    if model is None and pretrained is None and checkpoint is None:
+        return env
+    from .config import DEFAULT_MODEL, DEFAULT_PRETRAINED, normalise_pretrained
+
+    base = env or ModelSpec()
+    name = model or base.name or DEFAULT_MODEL
+    if checkpoint:
+        return ModelSpec(name=name, pretrained=None, checkpoint=str(Path(checkpoint).expanduser().resolve()))
+    tag = (
+        normalise_pretrained(pretrained)
+        if pretrained is not None
+        else (base.pretrained if env is not None else DEFAULT_PRETRAINED)
+    )
+    return ModelSpec(name=name, pretrained=tag)
+
+
+def _default_batch(device: str) -> int:
+    return 256 if device.startswith("cuda") else 16
+
+
+def _disk_size(uri: str) -> int:
+    total = 0
+    for candidate in (uri, uri + ".lock"):
+        with contextlib.suppress(OSError):
+            total += os.path.getsize(candidate)
+    return total

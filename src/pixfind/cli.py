@@ -1,0 +1,383 @@
+"""The ``pixfind`` command: index, search, info, serve.
+
+Every user-facing failure is a :class:`PixfindError`, printed as one line to stderr with a
+non-zero exit code; nothing here prints a traceback unless ``PIXFIND_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .config import Settings
+from .errors import PixfindError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find pictures by describing them. Index folders once, then search by text or by example image.",
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+if not out.is_terminal:
+    out.width = 4096  # piped output: never fold a path across lines
+
+# -- shared options --------------------------------------------------------------------------
+
+UriOpt = Annotated[
+    str | None,
+    typer.Option("--uri", help="Index location: a .db file (Milvus Lite) or http://host:19530. Env: PIXFIND_URI."),
+]
+TokenOpt = Annotated[str | None, typer.Option("--token", help="Milvus token, e.g. user:password. Env: PIXFIND_TOKEN.")]
+CollectionOpt = Annotated[str | None, typer.Option("--collection", help="Collection name. Env: PIXFIND_COLLECTION.")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="open_clip architecture (default ViT-B-32). Env: PIXFIND_MODEL.")
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pretrained",
+        help="open_clip weights tag (default openai). 'none' = random weights from a fixed seed, "
+        "for offline testing only: results are meaningless. Env: PIXFIND_PRETRAINED.",
+    ),
+]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="Local weights file for --model. Env: PIXFIND_CHECKPOINT.")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto (CUDA if available, fp16), cpu, cuda, cuda:1. Env: PIXFIND_DEVICE.")
+]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="If another pixfind is using the embedded index, wait instead of failing.")
+]
+
+
+def _open(
+    uri: str | None,
+    token: str | None,
+    collection: str | None,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    checkpoint: Path | None = None,
+    device: str | None = None,
+    wait: bool = False,
+    create: bool = True,
+    **settings: Any,
+) -> Any:
+    from .api import ImageIndex
+
+    base = Settings.from_env(**settings)
+    return ImageIndex(
+        uri=uri,
+        token=token,
+        collection=collection,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        device=device,
+        wait=wait,
+        settings=base,
+        create=create,
+    )
+
+
+# -- index -----------------------------------------------------------------------------------
+
+
+@app.command()
+def index(
+    folders: Annotated[list[Path], typer.Argument(help="Folders (or single images) to index.", show_default=False)],
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model call.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads.")] = None,
+    no_draft: Annotated[bool, typer.Option("--no-draft", help="Decode JPEGs at full size (slower, exact).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the run's summary and every failure as JSON.")
+    ] = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Embed every image under FOLDERS; re-runs only embed new or changed files and drop deleted ones."""
+    stop = threading.Event()
+    with _open(
+        uri,
+        token,
+        collection,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        wait=wait,
+        batch_size=batch_size,
+        workers=workers,
+        draft=False if no_draft else None,
+    ) as idx:
+        progress = RichProgress(disable=quiet or not err.is_terminal)
+        with _stop_on_sigint(stop):
+            result = idx.add(*folders, progress=progress, stop=stop)
+    if report:
+        report.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+    if not quiet:
+        from .render import summary_lines
+
+        for line in summary_lines(result):
+            err.print(line, markup=False, highlight=False)
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+class RichProgress:
+    """Progress for an index run: a counter while scanning, then count, rate and ETA."""
+
+    def __init__(self, disable: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=disable,
+            transient=False,
+        )
+        self._task: Any = None
+        self._started = False
+
+    def scanning(self, found: int) -> None:
+        self._ensure_started()
+        if self._task is None:
+            self._task = self._bar.add_task("scanning", total=None, rate="")
+        self._bar.update(self._task, completed=found, description=f"scanning ({found:,} files)")
+
+    def start_embedding(self, total: int) -> None:
+        self._ensure_started()
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+        self._task = self._bar.add_task("embedding", total=total, rate="")
+
+    def embedded(self, count: int) -> None:
+        if self._task is None:
+            return
+        self._bar.advance(self._task, count)
+        speed = self._bar.tasks[-1].speed
+        self._bar.update(self._task, rate=f"{speed:.1f} img/s" if speed else "")
+
+    def finish(self) -> None:
+        if self._started:
+            self._bar.stop()
+            self._started = False
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._bar.start()
+            self._started = True
+
+
+class _stop_on_sigint:
+    """First Ctrl-C asks the run to stop after the current batch; a second one aborts."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+        err.print("stopping after the current batch (Ctrl-C again to abort)...", markup=False)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    query: Annotated[
+        str | None, typer.Argument(help='What the picture shows, e.g. "a white dog".', show_default=False)
+    ] = None,
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Search by example: images that look like this file.")
+    ] = None,
+    similar: Annotated[
+        str | None, typer.Option("--similar", help="Images that look like this indexed file (no re-embedding).")
+    ] = None,
+    limit: Annotated[int, typer.Option("-k", "--limit", min=1, max=1000, help="Number of results.")] = 10,
+    under: Annotated[str | None, typer.Option("--under", help="Only results inside this folder.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list of {rank, score, path, width, height}.")
+    ] = False,
+    grid: Annotated[
+        Path | None, typer.Option("--grid", help="Write a contact sheet of the hits (150 px tiles, 5 per row).")
+    ] = None,
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    device: DeviceOpt = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Find indexed images by a description, an example image, or an indexed file."""
+    given = [q for q in (query, image, similar) if q]
+    if len(given) != 1:
+        raise PixfindError(
+            'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
+        )
+    with _open(uri, token, collection, device=device, wait=wait, create=False) as idx:
+        if query:
+            hits = idx.search(query, limit=limit, under=under)
+        elif image:
+            hits = idx.search_image(image, limit=limit, under=under)
+        else:
+            hits = idx.similar(str(similar), limit=limit, under=under)
+    if grid:
+        from .render import write_grid
+
+        written = write_grid(hits, grid)
+        err.print(f"wrote {written} ({len(hits)} tiles)", markup=False, highlight=False)
+    _print_hits(hits, as_json)
+
+
+def _print_hits(hits: list[Any], as_json: bool) -> None:
+    from .render import hits_json, hits_table
+
+    if as_json:
+        sys.stdout.write(hits_json(hits) + "\n")
+    elif not hits:
+        err.print("no matches", markup=False)
+    else:
+        out.print(hits_table(hits))
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    wait: WaitOpt = False,
+) -> None:
+    """Where the index is, which model built it, how many images it holds, its size on disk."""
+    with _open(uri, token, collection, wait=wait, create=False) as idx:
+        data = idx.info()
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    rows = [("index", data["uri"]), ("backend", data["backend"]), ("collection", data["collection"])]
+    if data["exists"]:
+        rows += [
+            ("model", f"{data['model']} ({data['weights']})"),
+            ("dimension", str(data["dim"])),
+            ("images", f"{data['images']:,}"),
+        ]
+    else:
+        rows.append(("images", "0 (not created yet: run pixfind index FOLDER)"))
+    if "size_bytes" in data:
+        rows.append(("size on disk", _human_bytes(data["size_bytes"])))
+    for name, value in rows:
+        out.print(f"{name:>13}  {value}", markup=False, highlight=False)
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 exposes it to your network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = 8000,
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    device: DeviceOpt = None,
+    wait: WaitOpt = False,
+) -> None:
+    """A web page and JSON API for searching the index, with the model loaded once."""
+    from .web import serve as run_server
+
+    index = _open(uri, token, collection, device=device, wait=wait, create=False)
+    run_server(index.settings, host=host, port=port, index=index, echo=lambda line: err.print(line, markup=False))
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors become one line on stderr and an exit code."""
+    try:
+        app(args=argv, prog_name="pixfind", standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except PixfindError as exc:
+        err.print(f"pixfind: error: {exc}", markup=False, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("pixfind: interrupted", markup=False)
+        return 130
+    except Exception as exc:
+        if os.environ.get("PIXFIND_DEBUG"):
+            raise
+        err.print(
+            f"pixfind: internal error: {type(exc).__name__}: {exc} (set PIXFIND_DEBUG=1 for details)",
+            markup=False,
+            highlight=False,
+        )
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

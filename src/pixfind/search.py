@@ -1,0 +1,116 @@
+"""Where a query is embedded and looked up: text or example image → vector → nearest rows."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from .errors import PixfindError
+from .images import ImageLoadError, load_image
+from .pathkeys import key_of
+from .store import SearchHit, Store
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MAX_QUERY_CHARS = 1000
+MAX_LIMIT = 1000
+
+
+class QueryEncoder(Protocol):
+    draft_side: int
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def preprocess(self, image: Image.Image) -> np.ndarray: ...
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Hit:
+    """One result: ``score`` is the cosine similarity (1.0 = identical direction)."""
+
+    rank: int
+    score: float
+    path: str
+    width: int
+    height: int
+    size: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        """The shape of ``pixfind search --json`` and of the web API."""
+        data = asdict(self)
+        data.pop("size")
+        data["score"] = round(self.score, 6)
+        return data
+
+
+def check_query(text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise PixfindError('empty query: describe the picture, e.g. pixfind search "a white dog"')
+    if len(text) > MAX_QUERY_CHARS:
+        raise PixfindError(f"query too long ({len(text)} characters, limit {MAX_QUERY_CHARS})")
+    return text
+
+
+def check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise PixfindError(f"result count must be between 1 and {MAX_LIMIT}, got {limit}")
+    return limit
+
+
+def resolve_under(under: str | None) -> str | None:
+    """``--under`` as the absolute, symlink-free folder the stored paths start with."""
+    if not under:
+        return None
+    return os.path.realpath(os.path.expanduser(under))
+
+
+def text_vector(encoder: QueryEncoder, text: str) -> np.ndarray:
+    return encoder.encode_texts([check_query(text)])[0]
+
+
+def image_vector(encoder: QueryEncoder, image: str | Path | Image.Image) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        if not Path(image).is_file():
+            raise PixfindError(f"query image not found: {image}")
+        try:
+            pil = load_image(image, min_side=encoder.draft_side).image
+        except ImageLoadError as exc:
+            raise PixfindError(f"cannot read query image {image}: {exc.reason}") from exc
+    else:
+        from .images import to_rgb
+
+        pil = to_rgb(image)
+    return encoder.encode_images(encoder.preprocess(pil)[None])[0]
+
+
+def stored_vector(store: Store, path: str) -> np.ndarray:
+    """The vector of an indexed file, for "more like this" without decoding it again."""
+    keys = list(dict.fromkeys(key_of(p) for p in candidate_paths(path)))
+    found = store.vectors_of(keys)
+    for key in keys:
+        if key in found:
+            return np.asarray(found[key], dtype=np.float32)
+    raise PixfindError(f"not in the index: {path}: index its folder first")
+
+
+def candidate_paths(path: str) -> list[str]:
+    """Ways an indexed file may be named: as given, absolute, and with links resolved."""
+    expanded = os.path.expanduser(path)
+    return [expanded, os.path.abspath(expanded), os.path.realpath(expanded)]
+
+
+def nearest(store: Store, vector: np.ndarray, limit: int, under: str | None = None) -> list[Hit]:
+    results = store.search([vector], limit=check_limit(limit), folder=resolve_under(under))
+    return [_to_hit(rank, hit) for rank, hit in enumerate(results[0], start=1)]
+
+
+def _to_hit(rank: int, hit: SearchHit) -> Hit:
+    return Hit(rank=rank, score=hit.score, path=hit.path, width=hit.width, height=hit.height, size=hit.size)

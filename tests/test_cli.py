@@ -1,0 +1,124 @@
+"""The ``pixfind`` command end to end: in-process for speed, plus real subprocesses for the entry
+point, the default ViT-B-32 model and "no traceback, ever"."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pixfind.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def indexed(make_images, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, list[Path]]:
+    photos = make_images(tmp_path / "photos", 7)
+    uri = str(tmp_path / "cli.db")
+    code, _, err = run(capsys, "index", str(tmp_path / "photos"), "--uri", uri)
+    assert code == 0, err
+    assert "7 new" in err and "0 failed" in err
+    return uri, photos
+
+
+def test_index_search_table_json_grid(indexed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri, photos = indexed
+    code, out, _ = run(capsys, "search", "a white dog", "--uri", uri)
+    assert code == 0
+    assert "score" in out and str(photos[0].parent) in out
+
+    grid = tmp_path / "out" / "results.jpg"
+    code, out, err = run(capsys, "search", "a white dog", "-k", "7", "--json", "--grid", str(grid), "--uri", uri)
+    assert code == 0, err
+    hits = json.loads(out)
+    assert [h["rank"] for h in hits] == list(range(1, 8))
+    assert set(hits[0]) == {"rank", "score", "path", "width", "height"}
+    with Image.open(grid) as sheet:
+        assert sheet.size == (5 * 150, 2 * 150)  # 5 per row, rows as needed
+
+
+def test_search_by_image_and_similar(indexed, capsys: pytest.CaptureFixture[str]) -> None:
+    uri, photos = indexed
+    code, out, _ = run(capsys, "search", "--image", str(photos[3]), "--json", "-k", "1", "--uri", uri)
+    top = json.loads(out)[0]
+    assert code == 0 and top["path"] == str(photos[3]) and top["score"] > 0.99
+    code, out, _ = run(capsys, "search", "--similar", str(photos[5]), "--json", "-k", "1", "--uri", uri)
+    assert json.loads(out)[0]["path"] == str(photos[5])
+
+
+def test_rerun_is_incremental_and_info_reports(indexed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri, _ = indexed
+    code, _, err = run(capsys, "index", str(tmp_path / "photos"), "--uri", uri)
+    assert code == 0 and "0 new" in err and "7 unchanged" in err
+    code, out, _ = run(capsys, "info", "--uri", uri, "--json")
+    data = json.loads(out)
+    assert data["images"] == 7 and data["model"] == "ViT-S-32" and data["weights"] == "none"
+    assert data["size_bytes"] > 0
+    code, out, _ = run(capsys, "info", "--uri", uri)
+    assert "ViT-S-32" in out and "images" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["search", "dog", "--uri", "{tmp}/none.db"], "no index at"),
+        (["index", "{tmp}/missing", "--uri", "{tmp}/x.db"], "folder not found"),
+        (["search", "--uri", "{tmp}/x.db"], "give exactly one of"),
+        (["index", "{tmp}", "--uri", "{tmp}/m.db", "--model", "ViT-Nope"], "unknown model"),
+        (["search", "dog", "--uri", "http://127.0.0.1:9"], "cannot reach Milvus at http://127.0.0.1:9"),
+    ],
+)
+def test_errors_are_one_line(args: list[str], expected: str, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert code != 0
+    assert expected in err
+    assert "Traceback" not in err + out
+    assert err.strip().count("\n") == 0
+
+
+def test_model_mismatch_on_the_command_line(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, _ = indexed
+    code, _, err = run(capsys, "index", str(tmp_path / "photos"), "--uri", uri, "--model", "RN50")
+    assert code != 0 and "was built with ViT-S-32 (none)" in err
+
+
+def _pixfind(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pixfind", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_default_vit_b_32_end_to_end_in_a_fresh_process(make_images, tmp_path: Path) -> None:
+    """The tutorial's model, through the real entry point, with the offline switch."""
+    make_images(tmp_path / "photos", 3)
+    env = {**os.environ, "PIXFIND_PRETRAINED": "none"}
+    env.pop("PIXFIND_MODEL", None)  # default: ViT-B-32
+    indexed = _pixfind("index", str(tmp_path / "photos"), env=env)
+    assert indexed.returncode == 0, indexed.stderr
+    assert "3 new" in indexed.stderr
+    found = _pixfind("search", "a white dog", "--json", "--grid", str(tmp_path / "g.png"), env=env)
+    assert found.returncode == 0, found.stderr
+    assert len(json.loads(found.stdout)) == 3
+    shown = _pixfind("info", "--json", env=env)
+    info = json.loads(shown.stdout)
+    assert (info["model"], info["dim"]) == ("ViT-B-32", 512)
+    assert info["uri"] == str(Path(env["PIXFIND_DATA_DIR"]) / "pixfind.db")
+
+
+def test_offline_without_weights_says_how_to_go_on(tmp_path: Path, make_images) -> None:
+    make_images(tmp_path / "photos", 1)
+    env = {k: v for k, v in os.environ.items() if k not in ("PIXFIND_PRETRAINED", "PIXFIND_MODEL")}
+    env["HF_HUB_OFFLINE"] = "1"
+    result = _pixfind("index", str(tmp_path / "photos"), env=env, timeout=120)
+    assert result.returncode == 1
+    assert "PIXFIND_PRETRAINED=none" in result.stderr and "Traceback" not in result.stderr

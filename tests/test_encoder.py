@@ -1,0 +1,128 @@
+"""Parity: what pixfind stores equals open_clip's own embedding of the same picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import SMALL_MODEL, draw_photo
+from PIL import Image, ImageOps
+
+from pixfind.config import ModelSpec
+from pixfind.encoder import ClipEncoder, trim_padding
+from pixfind.errors import ModelLoadError
+from pixfind.images import load_image
+
+
+def reference_image_vector(encoder: ClipEncoder, image: Image.Image) -> np.ndarray:
+    """open_clip's documented path: encode_image(preprocess(img)), normalised."""
+    with torch.inference_mode():
+        features = encoder.model.encode_image(encoder._transform(image)[None])
+    return torch.nn.functional.normalize(features, dim=-1)[0].numpy()
+
+
+def pixfind_image_vector(encoder: ClipEncoder, path: Path, min_side: int | None = None) -> np.ndarray:
+    loaded = load_image(path, min_side=min_side)
+    return encoder.encode_images(encoder.preprocess(loaded.image)[None])[0]
+
+
+def _write_cases(folder: Path) -> dict[str, tuple[Path, Image.Image]]:
+    """Files in several formats, each with the picture open_clip should see."""
+    photo = draw_photo(7, (300, 200))
+    cases: dict[str, tuple[Path, Image.Image]] = {}
+    jpeg = folder / "photo.jpg"
+    photo.save(jpeg, quality=92)
+    cases["jpeg"] = (jpeg, Image.open(jpeg).convert("RGB"))
+
+    rgba = photo.convert("RGBA")
+    alpha = Image.linear_gradient("L").resize(photo.size)
+    rgba.putalpha(alpha)
+    png = folder / "alpha.png"
+    rgba.save(png)
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    cases["png-alpha"] = (png, Image.alpha_composite(white, Image.open(png)).convert("RGB"))
+
+    gif = folder / "palette.gif"
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(gif)
+    cases["gif-palette"] = (gif, Image.open(gif).convert("RGB"))
+
+    gray = folder / "gray.png"
+    photo.convert("L").save(gray)
+    cases["grayscale"] = (gray, Image.open(gray).convert("RGB"))
+
+    rotated = folder / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    photo.save(rotated, exif=exif, quality=92)
+    cases["exif-rotated"] = (rotated, ImageOps.exif_transpose(Image.open(rotated)).convert("RGB"))
+    return cases
+
+
+def test_image_vectors_match_open_clip(small_encoder: ClipEncoder, tmp_path: Path) -> None:
+    for name, (path, picture) in _write_cases(tmp_path).items():
+        ours = pixfind_image_vector(small_encoder, path, min_side=None)
+        reference = reference_image_vector(small_encoder, picture)
+        assert np.abs(ours - reference).max() < 1e-5, name
+        assert abs(np.linalg.norm(ours) - 1) < 1e-5
+
+
+def test_text_vectors_match_open_clip_and_trimming_changes_nothing(small_encoder: ClipEncoder) -> None:
+    texts = ["a white dog", "a photo of a cat sitting on a red sofa in the sun", "x", "日本の桜 🌸", "word " * 100]
+    ours = small_encoder.encode_texts(texts)
+    tokens = small_encoder.tokenize(texts)
+    assert trim_padding(tokens).shape[1] == 77  # the long text fills the context: nothing to trim
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(small_encoder.model.encode_text(tokens), dim=-1).numpy()
+    assert np.abs(ours - full).max() < 1e-5
+    short = small_encoder.encode_texts(["a white dog"])
+    assert small_encoder.tokenize(["a white dog"]).shape[1] == 77
+    assert trim_padding(small_encoder.tokenize(["a white dog"])).shape[1] < 10
+    cosine = float(short[0] @ full[0])
+    assert cosine > 0.9999998
+
+
+def test_random_weights_are_the_same_in_every_load(small_encoder: ClipEncoder) -> None:
+    again = ClipEncoder(ModelSpec(SMALL_MODEL, None), "cpu")
+    assert np.array_equal(again.encode_texts(["same"]), small_encoder.encode_texts(["same"]))
+
+
+def test_draft_decoding_stays_close_to_exact(small_encoder: ClipEncoder, tmp_path: Path) -> None:
+    path = tmp_path / "large.jpg"
+    draw_photo(11, (2400, 1800)).save(path, quality=90)
+    exact = pixfind_image_vector(small_encoder, path, None)
+    draft = pixfind_image_vector(small_encoder, path, small_encoder.draft_side)
+    assert float(exact @ draft) >= 0.995
+
+
+def test_checkpoint_files_load(small_encoder: ClipEncoder, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(small_encoder.model.state_dict(), checkpoint)
+    loaded = ClipEncoder(ModelSpec(SMALL_MODEL, None, str(checkpoint)), "cpu")
+    assert np.allclose(loaded.encode_texts(["dog"]), small_encoder.encode_texts(["dog"]), atol=1e-6)
+
+
+def test_clear_errors_for_bad_models(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        ClipEncoder(ModelSpec("ViT-Nope-99", None), "cpu")
+    with pytest.raises(ModelLoadError, match="no weights 'nonsense'"):
+        ClipEncoder(ModelSpec(SMALL_MODEL, "nonsense"), "cpu")
+    with pytest.raises(ModelLoadError, match="checkpoint file not found"):
+        ClipEncoder(ModelSpec(SMALL_MODEL, None, str(tmp_path / "missing.pt")), "cpu")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="cannot load checkpoint"):
+        ClipEncoder(ModelSpec(SMALL_MODEL, None, str(garbage)), "cpu")
+
+
+def test_offline_download_failure_names_the_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tags = open_clip.list_pretrained_tags_by_model("ViT-B-32")
+    assert "openai" in tags
+    with pytest.raises(ModelLoadError) as caught:
+        ClipEncoder(ModelSpec("ViT-B-32", "openai"), "cpu")
+    message = str(caught.value)
+    assert "--checkpoint" in message and "PIXFIND_PRETRAINED=none" in message
+    assert "\n" not in message

@@ -1,0 +1,164 @@
+"""Indexing into a real Milvus Lite file: incremental runs, bad files, moves, filters, models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_MODEL, draw_photo
+
+from pixfind.config import ModelSpec
+from pixfind.errors import ModelMismatchError, PixfindError
+from pixfind.pathkeys import path_of
+
+
+def stored_paths(idx) -> list[str]:  # type: ignore[no-untyped-def]
+    return sorted(path_of(key) for page in idx.store.iter_keys() for key in page)
+
+
+def image_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in {".jpg", ".png", ".gif"})
+
+
+def test_index_then_search_by_text_and_by_image(index_factory, make_images, tmp_path: Path) -> None:
+    photos = make_images(tmp_path / "photos", 6)
+    idx = index_factory()
+    report = idx.add(tmp_path / "photos")
+    assert (report.new, report.failed) == (6, [])
+    assert idx.info()["images"] == 6
+    hits = idx.search("a white dog", limit=3)
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert all(-1 <= h.score <= 1 for h in hits)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    same = idx.search_image(photos[2], limit=2)
+    assert same[0].path == str(photos[2]) and same[0].score > 0.99
+    assert (same[0].width, same[0].height) == (320, 240)
+    like = idx.similar(str(photos[4]), limit=1)
+    assert like[0].path == str(photos[4]) and like[0].score > 0.99
+
+
+def test_incremental_runs_track_the_folder_exactly(index_factory, make_images, tmp_path: Path) -> None:
+    folder = tmp_path / "lib"
+    make_images(folder, 5)
+    make_images(folder / "sub", 3, start=100)
+    idx = index_factory()
+    assert idx.add(folder).new == 8
+    assert stored_paths(idx) == image_files(folder)
+
+    second = idx.add(folder)
+    assert (second.new, second.updated, second.unchanged, second.embedded) == (0, 0, 8, 0)
+
+    # add, modify, delete and rename between runs
+    make_images(folder / "sub", 2, start=200)
+    draw_photo(999).save(folder / "img_0001.jpg")  # new content, same name
+    os.utime(folder / "img_0001.jpg", ns=(1, 1_000_000_000))
+    (folder / "img_0002.jpg").unlink()
+    (folder / "img_0003.jpg").rename(folder / "sub" / "renamed.jpg")
+    third = idx.add(folder)
+    assert third.new == 2 and third.updated == 1 and third.moved == 1 and third.removed == 1
+    assert stored_paths(idx) == image_files(folder)
+    assert idx.info()["images"] == len(image_files(folder))
+
+    shutil.rmtree(folder / "sub")
+    fourth = idx.add(folder)
+    assert fourth.removed == 6
+    assert stored_paths(idx) == image_files(folder)
+
+
+def test_moved_file_keeps_its_vector_without_embedding(index_factory, make_images, tmp_path: Path) -> None:
+    photos = make_images(tmp_path / "a", 2)
+    idx = index_factory()
+    idx.add(tmp_path / "a")
+    before = idx.similar(str(photos[0]), limit=1)[0].score
+    target = tmp_path / "a" / "moved here.jpg"
+    photos[0].rename(target)
+    report = idx.add(tmp_path / "a")
+    assert (report.moved, report.embedded, report.removed) == (1, 0, 0)
+    assert idx.similar(str(target), limit=1)[0].path == str(target)
+    assert before > 0.99
+    assert stored_paths(idx) == image_files(tmp_path / "a")
+
+
+def test_bad_files_are_reported_and_everything_else_is_stored(index_factory, make_images, tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    good = make_images(folder, 4)
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "fake.png").write_text("I am a text file")
+    (folder / "cut.jpg").write_bytes(good[0].read_bytes()[:300])
+    (folder / "dir.jpg").mkdir()
+    make_images(folder / "dir.jpg", 1, start=50)
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    idx = index_factory()
+    report = idx.add(folder)
+    reasons = {Path(p).name: r for p, r in report.failed}
+    assert reasons == {"zero.jpg": "empty file", "fake.png": reasons["fake.png"], "cut.jpg": "truncated image"}
+    assert "not an image" in reasons["fake.png"]
+    assert report.new == 5
+    assert len(stored_paths(idx)) == 5
+
+
+def test_under_filter_is_exact_for_wildcard_and_quote_folders(index_factory, make_images, tmp_path: Path) -> None:
+    names = ["a_b", "axb", "50%", "50x", "it's", 'say "hi"']
+    for i, name in enumerate(names):
+        make_images(tmp_path / "lib" / name, 2, start=10 * i)
+    idx = index_factory()
+    assert idx.add(tmp_path / "lib").new == 12
+    for name in names:
+        hits = idx.search("anything", limit=20, under=str(tmp_path / "lib" / name))
+        assert len(hits) == 2, name
+        assert all(Path(h.path).parent.name == name for h in hits), name
+
+
+def test_another_model_is_refused(index_factory, make_images, tmp_path: Path) -> None:
+    make_images(tmp_path / "p", 1)
+    idx = index_factory()
+    idx.add(tmp_path / "p")
+    idx.close()
+    with pytest.raises(ModelMismatchError, match="was built with ViT-S-32"):
+        index_factory(model=ModelSpec("RN50", None), encoder=None).add(tmp_path / "p")
+
+
+def test_search_uses_the_recorded_model(index_factory, make_images, tmp_path: Path, lite_uri: str) -> None:
+    from pixfind.api import ImageIndex
+
+    make_images(tmp_path / "p", 2)
+    idx = index_factory()
+    idx.add(tmp_path / "p")
+    idx.close()
+    with ImageIndex(uri=lite_uri) as reopened:  # no model flags at query time
+        assert reopened.model_spec() == ModelSpec(SMALL_MODEL, None)
+        assert len(reopened.search("a photo", limit=5)) == 2
+
+
+def test_clear_errors(index_factory, tmp_path: Path) -> None:
+    idx = index_factory()
+    with pytest.raises(PixfindError, match="folder not found"):
+        idx.add(tmp_path / "missing")
+    with pytest.raises(PixfindError, match="is empty"):
+        idx.search("dog")
+    with pytest.raises(PixfindError, match="empty query"):
+        idx.store  # noqa: B018 - keep the index open
+        from pixfind.search import check_query
+
+        check_query("   ")
+
+
+def test_a_second_process_on_the_same_file_is_told_who_holds_it(index_factory, lite_uri: str) -> None:
+    from pixfind.errors import IndexLockedError
+    from pixfind.store import Store
+
+    index_factory()
+    with pytest.raises(IndexLockedError, match=f"pid {os.getpid()}"):
+        Store(lite_uri)
+
+
+def test_foreign_db_file_is_refused_and_left_intact(tmp_path: Path) -> None:
+    from pixfind.store import Store
+
+    foreign = tmp_path / "notes.db"
+    foreign.write_bytes(b"my precious data" * 100)
+    with pytest.raises(PixfindError, match="not a Milvus Lite index"):
+        Store(str(foreign))
+    assert foreign.read_bytes() == b"my precious data" * 100
