@@ -155,8 +155,7 @@ class MilvusServer:
             self._pids |= _descendants(self._proc.pid)
             if self._proc.poll() is not None:
                 raise ServerStartError(
-                    f"Milvus server exited with status {self._proc.returncode} while starting: "
-                    f"{self._log_tail()}"
+                    f"Milvus server exited with status {self._proc.returncode} while starting: {self._log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(self.health_url, timeout=2) as resp:

@@ -193,9 +193,7 @@ def test_read_your_writes_from_another_process(backend: Backend) -> None:
             store.write(rows[start : start + 50])
     args = json.dumps([backend.uri, backend.token, backend.collection, [float(x) for x in rows[0].vector]])
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run(
-        [sys.executable, "-c", READER, args], capture_output=True, text=True, env=env, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", READER, args], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["count"] == len(paths)
@@ -258,8 +256,7 @@ def test_unreachable_uri_fails_fast(capfd: pytest.CaptureFixture[str]) -> None:
         Store(uri, token="root:Milvus")
     assert time.monotonic() - began < 1.0
     assert str(err.value) == (
-        f"cannot reach Milvus at {uri}: connection refused (is the server running?); "
-        "check --uri / PIXFIND_URI"
+        f"cannot reach Milvus at {uri}: connection refused (is the server running?); check --uri / PIXFIND_URI"
     )
     assert capfd.readouterr().err == ""
 
@@ -277,9 +274,7 @@ def test_silent_listener_is_bounded_by_the_timeout() -> None:
 
 
 def test_unknown_host_is_clear() -> None:
-    with pytest.raises(
-        StoreError, match=r"cannot reach Milvus at http://no-such-host\.invalid:19530: unknown"
-    ):
+    with pytest.raises(StoreError, match=r"cannot reach Milvus at http://no-such-host\.invalid:19530: unknown"):
         Store("http://no-such-host.invalid:19530")
 
 
