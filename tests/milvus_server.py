@@ -101,12 +101,12 @@ class MilvusServer:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> MilvusServer:
         wrapper = server_bin()
+        grpc_sock = bind_loopback(self.port)
+        health_sock = bind_loopback(0)
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="pixfind-milvus-"))
             self._tmp = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        grpc_sock = bind_loopback(self.port)
-        health_sock = bind_loopback(0)
         grpc_port = grpc_sock.getsockname()[1]
         self.uri = f"http://127.0.0.1:{grpc_port}"
         self.token = ROOT_TOKEN if self.auth else None

@@ -4,6 +4,7 @@ unreachable URIs, the ANN index and its search parameters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -308,3 +309,50 @@ def test_server_writes_are_batched_under_the_grpc_limit() -> None:
     assert [len(b) for b in store._write_batches(small)] == [5000, 5000, 2000]
     store.is_server = False
     assert [len(b) for b in store._write_batches(small)] == [1000] * 12
+
+
+# -- the test server itself ------------------------------------------------------------------------
+
+
+def _listening_inodes(table: str) -> dict[str, str]:
+    """inode -> local address of LISTEN sockets in this process's network namespace."""
+    out = {}
+    for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A":  # TCP_LISTEN
+            out[fields[9]] = fields[1]
+    return out
+
+
+@pytest.mark.server
+def test_server_is_reachable_on_loopback_only(milvus_server: MilvusServer) -> None:
+    from milvus_server import _descendants
+
+    assert milvus_server._proc is not None
+    pids = {milvus_server._proc.pid} | _descendants(milvus_server._proc.pid)
+    ours = os.readlink("/proc/self/ns/net")
+    milvus = [pid for pid in pids if "milvus" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert milvus and all(os.readlink(f"/proc/{pid}/ns/net") != ours for pid in milvus)
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    listening = {**_listening_inodes("tcp"), **_listening_inodes("tcp6")}
+    here = {listening[i] for i in inodes if i in listening}
+    assert len(here) == 2  # the gRPC port and the health endpoint, nothing else in our namespace
+    assert all(addr.startswith("0100007F:") for addr in here), here  # 127.0.0.1
+
+
+@pytest.mark.server
+def test_taken_port_fails_clearly() -> None:
+    from milvus_server import ServerStartError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ServerStartError, match=f"cannot listen on 127.0.0.1:{port}"):
+            MilvusServer(port=port).start()
