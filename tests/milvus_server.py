@@ -68,6 +68,7 @@ def server_bin() -> Path:
 def bind_loopback(port: int = 0) -> socket.socket:
     """A listening TCP socket on 127.0.0.1:``port`` (0: a free one); clear error when taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT only, never a live listener
     try:
         sock.bind(("127.0.0.1", port))
     except OSError as exc:
