@@ -96,8 +96,12 @@ def run_backend(name: str, uri: str, token: str | None, args: argparse.Namespace
         began = time.perf_counter()
         store.flush()
         flush_s = time.perf_counter() - began
+        print(
+            f"{name:6} inserted {args.n:,} rows at {args.n / insert_s:,.0f} rows/s, flush {flush_s:.1f} s",
+            flush=True,
+        )
         began = time.perf_counter()
-        indexed = wait_indexed(store)
+        indexed = wait_indexed(store, args.index_timeout)
         build_s = time.perf_counter() - began
         assert store.count() == args.n, store.count()
 
@@ -123,9 +127,7 @@ def run_backend(name: str, uri: str, token: str | None, args: argparse.Namespace
             extra = " exact (FLAT);"
             if store.is_server:
                 extra = f" {store.index_type()} ef={ef}"
-                extra += (
-                    f" flush {flush_s:.1f} s, index built {build_s:.1f} s{'' if indexed else ' (NOT DONE)'};"
-                )
+                extra += f" flush {flush_s:.1f} s, index built {build_s:.1f} s{'' if indexed else ' (NOT DONE)'};"
             lines.append(
                 f"{name:6} n={args.n:,}:{extra} insert {args.n / insert_s:,.0f} rows/s; "
                 f"search p50 {p50:.1f} ms, p95 {p95:.1f} ms; batch({args.batch}) {qps:,.0f} q/s; "
@@ -156,9 +158,7 @@ def wait_indexed(store: Store, timeout: float = 3600) -> bool:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="rows (default 100000)")
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--batch", type=int, default=100, help="queries per batch search")
@@ -166,6 +166,7 @@ def main() -> int:
     parser.add_argument("--ef", default=None, help="server search ef, comma-separated (default: pixfind's)")
     parser.add_argument("--index", default=None, help="server index type to use instead of pixfind's")
     parser.add_argument("--index-params", default=None, help="JSON build params, e.g. '{\"M\": 16}'")
+    parser.add_argument("--index-timeout", type=float, default=3600, help="seconds to wait for the index")
     parser.add_argument("--uri", help="use this Milvus server instead of starting one")
     parser.add_argument("--token")
     args = parser.parse_args()
