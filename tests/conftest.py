@@ -6,13 +6,19 @@ a real open_clip architecture (random weights from pixfind's fixed seed; compute
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from milvus_server import MilvusServer
 from PIL import Image
+
+from pixfind.store import Store
 
 # Keep the CLI and the API off the user's real data and weights folders, and offline.
 os.environ.setdefault("PIXFIND_PRETRAINED", "none")
@@ -93,3 +99,45 @@ def index_factory(small_encoder, lite_uri: str) -> Iterator[Callable[..., object
     yield open_index
     for idx in opened:
         idx.close()
+
+
+# -- Milvus server and the backend matrix -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def milvus_server() -> Iterator[MilvusServer]:
+    """A Milvus 2.3.5 standalone with authentication, on 127.0.0.1 only, for the whole session.
+
+    When it cannot start (``.ci/server-setup.sh`` not run, no network namespace...), every test
+    using it errors with the reason: server tests never skip.
+    """
+    server = MilvusServer(auth=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Backend:
+    """Where a test's collection lives: a Lite file, or a fresh collection on the server."""
+
+    name: str
+    uri: str
+    token: str | None
+    collection: str
+
+    def store(self, **kwargs: object) -> Store:
+        return Store(self.uri, token=self.token, collection=self.collection, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.server)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "lite":
+        yield Backend("lite", str(tmp_path / "index.db"), None, "pixfind")
+        return
+    server: MilvusServer = request.getfixturevalue("milvus_server")
+    chosen = Backend("server", server.uri, server.token, f"t_{uuid.uuid4().hex[:16]}")
+    yield chosen
+    with contextlib.suppress(Exception), chosen.store() as store:
+        store.drop()

@@ -26,6 +26,11 @@ ENV_CHECKPOINT = "PIXFIND_CHECKPOINT"
 ENV_DEVICE = "PIXFIND_DEVICE"
 ENV_CACHE = "PIXFIND_CACHE_DIR"
 ENV_DATA = "PIXFIND_DATA_DIR"
+ENV_SEARCH_EF = "PIXFIND_SEARCH_EF"
+
+#: Default search effort on a Milvus server (HNSW ``ef``): recall@10 >= 0.98 on clustered
+#: CLIP-like vectors (see benchmarks/search_latency.py). Embedded Lite searches exactly.
+DEFAULT_SEARCH_EF = 64
 
 
 def data_dir() -> Path:
@@ -45,6 +50,25 @@ def default_uri() -> str:
 def is_server_uri(uri: str) -> bool:
     """``http(s)://`` and ``tcp://`` URIs name a Milvus server; anything else is a Lite file."""
     return uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
+
+
+def search_ef_from(value: object, source: str = "--ef") -> int:
+    """A validated search effort (``ef``): a whole number from 1 to 32768."""
+    try:
+        ef = int(str(value).strip())
+    except ValueError:
+        ef = 0
+    if not 1 <= ef <= 32768:
+        from .errors import PixfindError
+
+        raise PixfindError(f"{source} must be a whole number from 1 to 32768, not {value!r}")
+    return ef
+
+
+def default_search_ef() -> int:
+    """``$PIXFIND_SEARCH_EF`` or :data:`DEFAULT_SEARCH_EF`."""
+    value = _env(ENV_SEARCH_EF)
+    return DEFAULT_SEARCH_EF if value is None else search_ef_from(value, ENV_SEARCH_EF)
 
 
 def _env(name: str) -> str | None:
@@ -98,6 +122,7 @@ class Settings:
     batch_size: int | None = None  # None: pick per device
     workers: int | None = None  # decode threads; None: pick from the CPU count
     draft: bool = True  # reduced-size JPEG decoding
+    search_ef: int | None = None  # server search effort (HNSW ef); None: $PIXFIND_SEARCH_EF or default
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -115,5 +140,6 @@ class Settings:
             collection=_env(ENV_COLLECTION) or DEFAULT_COLLECTION,
             model=model,
             device=_env(ENV_DEVICE) or "auto",
+            search_ef=default_search_ef() if _env(ENV_SEARCH_EF) else None,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

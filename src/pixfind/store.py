@@ -21,6 +21,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ModelSpec, is_server_uri
+from .config import ModelSpec, default_search_ef, is_server_uri, search_ef_from
 from .errors import IndexLockedError, ModelMismatchError, StoreError
 from .pathkeys import MAX_KEY_BYTES, folder_prefix_filter, keys_filter, path_of
 
@@ -37,12 +38,33 @@ APP = "pixfind"
 VECTOR = "vector"
 META_FIELDS = ["path", "size", "mtime_ns", "width", "height", "fingerprint"]
 
-#: Rows per insert call. Milvus Lite 2.5 slows ~30x on calls of 4,000+ rows; a server's gRPC
-#: limit (64 MiB) allows ~30k 512-d rows. 1,000 is fast on both.
+#: Rows per insert call on Milvus Lite: 2.5 slows ~30x on calls of 4,000+ rows.
 WRITE_BATCH = 1000
+#: On a server, rows per insert call, capped by their size: a server refuses gRPC messages over
+#: 64 MiB (``proxy.grpc.serverMaxRecvSize``); keys can be 8 KiB, so rows are counted in bytes.
+SERVER_WRITE_ROWS = 5000
+SERVER_WRITE_BYTES = 16 << 20
 #: Keys per ``path in [...]`` lookup or delete.
 LOOKUP_BATCH = 500
-CONNECT_TIMEOUT_S = 8.0
+#: Keys per page when streaming stored keys (Milvus caps a query page at 16,384 rows).
+ITER_BATCH = 5000
+#: A server must accept a TCP connection within this time, then answer gRPC within CONNECT_TIMEOUT_S.
+REACH_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 5.0
+#: Retries of a call to a server that stopped answering (backoff 0.01 s x3 each: ~4 s in all).
+SERVER_RETRIES = 6
+#: The ANN index on a server, chosen by measurement (benchmarks/search_latency.py, 100k clustered
+#: 512-d vectors, Milvus 2.3.5 on 2 cores): HNSW M=16 gives recall@10 0.996 at ef 32 and 0.999 at
+#: ef 64, p50 3 ms, ~1,500 q/s in batches; efConstruction 100 builds in 40 s where 200 takes 84 s
+#: for the same recall. IVF_FLAT (nlist 1024) matched the recall but served batches 10x slower.
+SERVER_INDEX: dict[str, Any] = {
+    "index_type": "HNSW",
+    "metric_type": "COSINE",
+    "params": {"M": 16, "efConstruction": 100},
+}
+#: Server reads see this process's own writes (pymilvus records their timestamps), without the
+#: wait for the newest timestamp that "Strong" costs on every call (~200 ms).
+READ_CONSISTENCY = "Session"
 
 
 @dataclass(frozen=True)
@@ -148,9 +170,7 @@ class LiteLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StoreError(
-                f"cannot create {self.path}: {exc.strerror}; choose a writable place with --uri"
-            ) from exc
+            raise StoreError(f"cannot create {self.path}: {exc.strerror}; choose a writable place with --uri") from exc
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
@@ -199,13 +219,22 @@ class Store:
         collection: str = "pixfind",
         wait: bool = False,
         create: bool = True,
+        search_ef: int | None = None,
     ) -> None:
+        """``search_ef``: effort of a server search (HNSW ``ef``; IVF ``nprobe`` is derived from
+        it), trading speed for recall; None: ``$PIXFIND_SEARCH_EF`` or the default. Embedded
+        Lite indexes are searched exactly and ignore it."""
         self.uri = uri
         self.token = token
         self.collection = collection
         self.is_server = is_server_uri(uri)
+        self.search_ef = default_search_ef() if search_ef is None else search_ef_from(search_ef)
         self._lock: LiteLock | None = None
         self._info: CollectionInfo | None = None
+        self._loaded = False
+        self._index_type: str | None = None
+        self._unsynced = False  # written on a server since the last sync
+        self._deleted = False  # deleted on a server since the last Strong read
         if not self.is_server:
             db = Path(uri).expanduser().absolute()
             if not create and not db.exists():
@@ -252,6 +281,8 @@ class Store:
         for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
             logging.getLogger(name).setLevel(logging.CRITICAL)  # its errors become one StoreError line
 
+        if self.is_server:
+            self._check_reachable()
         kwargs: dict[str, Any] = {"uri": self.uri}
         if self.is_server:
             kwargs["timeout"] = CONNECT_TIMEOUT_S
@@ -277,24 +308,59 @@ class Store:
                 "pixfind has it open; move it away or pass --uri with another path"
             ) from exc
 
+    def _check_reachable(self) -> None:
+        """Fail in seconds, not after gRPC's retries, when nothing listens at the URI."""
+        from urllib.parse import urlsplit
+
+        parsed = urlsplit(self.uri)
+        if parsed.scheme == "unix" or not parsed.hostname:
+            return
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 19530)
+        except ValueError:
+            raise StoreError(f"bad port in {self.uri}: check --uri / PIXFIND_URI") from None
+        why = None
+        try:
+            with socket.create_connection((parsed.hostname, port), REACH_TIMEOUT_S):
+                return
+        except socket.gaierror:
+            why = f"unknown host {parsed.hostname!r}"
+        except TimeoutError:
+            why = f"no answer within {REACH_TIMEOUT_S:g} s"
+        except ConnectionRefusedError:
+            why = "connection refused (is the server running?)"
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        raise StoreError(f"cannot reach Milvus at {self.uri}: {why}; check --uri / PIXFIND_URI")
+
     def _connection_error(self, exc: BaseException) -> StoreError:
         text = str(exc)
         lowered = text.lower()
         if "auth" in lowered or "credential" in lowered or "permission" in lowered:
-            return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
+            return self._auth_error()
         if self.is_server:
-            # pymilvus >= 2.6 reports a rejected token as "server unavailable"
-            unavailable = "unavailable" in lowered or "fail connecting" in lowered
-            if self.token and unavailable and _server_answers(self.uri):
-                return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
-            return StoreError(
-                f"cannot reach Milvus at {self.uri}: is the server running? check --uri / PIXFIND_URI"
-            )
+            if "unavailable" in lowered or "fail connecting" in lowered:
+                # Something answered the TCP probe. pymilvus >= 2.6 reports a rejected token as
+                # "server unavailable" (2.4/2.5 say UNAUTHENTICATED).
+                if self.token:
+                    return self._auth_error()
+                return StoreError(
+                    f"cannot connect to Milvus at {self.uri}: it refused the connection; if it "
+                    "requires authentication, pass --token / PIXFIND_TOKEN"
+                )
+            return StoreError(f"cannot connect to Milvus at {self.uri}: {_short(text)}")
         return StoreError(f"cannot open index {self.uri}: {_short(text)}")
+
+    def _auth_error(self) -> StoreError:
+        return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
 
     def close(self) -> None:
         client = getattr(self, "client", None)
         if client is not None:
+            if self._unsynced:
+                # other processes (a search right after `pixfind index`) must see every row
+                with contextlib.suppress(Exception):
+                    self.sync()
             with contextlib.suppress(Exception):
                 client.close()
             self.client = None
@@ -337,7 +403,7 @@ class Store:
 
     def _check_fields(self, description: dict[str, Any]) -> None:
         names = {f["name"] for f in description.get("fields", [])}
-        missing = set([*META_FIELDS, VECTOR]) - names
+        missing = {*META_FIELDS, VECTOR} - names
         if missing:
             raise StoreError(
                 f"collection {self.collection!r} lacks fields {sorted(missing)}: it is damaged or "
@@ -382,24 +448,56 @@ class Store:
     def _index_config(self) -> dict[str, Any]:
         if not self.is_server:
             return {"index_type": "FLAT", "metric_type": "COSINE"}
-        return {
-            "index_type": "HNSW",
-            "metric_type": "COSINE",
-            "params": {"M": 16, "efConstruction": 200},
-        }
+        return dict(SERVER_INDEX)
+
+    def _ready(self) -> None:
+        """On a server, load the collection once per Store (a restart or a release unloads it)."""
+        if not self.is_server or self._loaded:
+            return
+        from pymilvus.client.types import LoadState
+
+        state = self._call(self.client.get_load_state, self.collection).get("state")
+        if state == LoadState.NotLoad:
+            self._call(self.client.load_collection, self.collection)
+        self._loaded = state != LoadState.NotExist
+
+    def _reads(self) -> dict[str, Any]:
+        """Keyword arguments for a read: on a server, see this process's writes."""
+        self._ready()
+        if not self.is_server:
+            return {}
+        if self._deleted:
+            # Milvus 2.3 returns no timestamp for a delete, so "Session" cannot wait for it
+            self._deleted = False
+            return {"consistency_level": "Strong"}
+        return {"consistency_level": READ_CONSISTENCY}
 
     def count(self) -> int:
         if not self.exists():
             return 0
-        result = self._call(
-            self.client.query, self.collection, filter="", output_fields=["count(*)"]
-        )
+        result = self._call(self.client.query, self.collection, filter="", output_fields=["count(*)"], **self._reads())
         return int(result[0]["count(*)"]) if result else 0
+
+    def sync(self) -> None:
+        """Wait until every write made so far is visible to searches from any process."""
+        if self.is_server and self.exists():
+            self._ready()
+            self._call(
+                self.client.query,
+                self.collection,
+                filter="",
+                output_fields=["count(*)"],
+                consistency_level="Strong",
+            )
+        self._unsynced = self._deleted = False
 
     def drop(self) -> None:
         if self.exists():
             self._call(self.client.drop_collection, self.collection)
         self._info = None
+        self._loaded = False
+        self._index_type = None
+        self._unsynced = self._deleted = False
 
     # -- rows -----------------------------------------------------------------------------------
 
@@ -413,6 +511,7 @@ class Store:
                 self.collection,
                 filter=keys_filter(chunk),
                 output_fields=["path", "size", "mtime_ns", "fingerprint"],
+                **self._reads(),
             )
             for row in rows:
                 found[row["path"]] = StoredFile(row["size"], row["mtime_ns"], row["fingerprint"])
@@ -428,28 +527,62 @@ class Store:
                 self.collection,
                 filter=keys_filter(chunk, field="fingerprint"),
                 output_fields=[*META_FIELDS, VECTOR],
+                **self._reads(),
             )
             for row in rows:
                 out.setdefault(row["fingerprint"], []).append(row)
         return out
 
     def write(self, rows: Sequence[Row]) -> None:
-        """Upsert rows: a path already stored is replaced, never duplicated."""
-        for start in range(0, len(rows), WRITE_BATCH):
-            entities = [row.to_entity() for row in rows[start : start + WRITE_BATCH]]
-            self._call(self.client.upsert, self.collection, entities)
+        """Upsert rows: a path already stored is replaced, never duplicated.
+
+        Rows are visible to this Store's reads at once; to other processes after :meth:`sync`,
+        :meth:`flush` or :meth:`close` (each waits once, not per batch).
+        """
+        for batch in self._write_batches(rows):
+            self._call(self.client.upsert, self.collection, [row.to_entity() for row in batch])
+            self._unsynced = self.is_server
+
+    def _write_batches(self, rows: Sequence[Row]) -> Iterator[Sequence[Row]]:
+        if not self.is_server:
+            for start in range(0, len(rows), WRITE_BATCH):
+                yield rows[start : start + WRITE_BATCH]
+            return
+        start, size = 0, 0
+        for end, row in enumerate(rows):
+            row_bytes = 4 * len(row.vector) + len(row.key.encode()) + len(row.fingerprint) + 64
+            if end > start and (end - start >= SERVER_WRITE_ROWS or size + row_bytes > SERVER_WRITE_BYTES):
+                yield rows[start:end]
+                start, size = end, 0
+            size += row_bytes
+        if start < len(rows):
+            yield rows[start:]
 
     def delete(self, keys: Sequence[str]) -> int:
+        """Remove these keys; returns how many were stored (Milvus's own count includes absent
+        keys on a server and differs on Lite, so it is not used)."""
         deleted = 0
+        keys = list(dict.fromkeys(keys))
         for start in range(0, len(keys), LOOKUP_BATCH):
-            chunk = list(keys[start : start + LOOKUP_BATCH])
-            result = self._call(self.client.delete, self.collection, filter=keys_filter(chunk))
-            deleted += _delete_count(result, len(chunk))
+            present = list(self.lookup(keys[start : start + LOOKUP_BATCH]))
+            if present:
+                self._call(self.client.delete, self.collection, filter=keys_filter(present))
+                self._unsynced = self.is_server
+                deleted += len(present)
+        # later reads must see the deletions (the chunks above are disjoint, so need not)
+        self._deleted = self._deleted or (self.is_server and deleted > 0)
         return deleted
 
-    def iter_keys(self, folder: str | None = None, batch: int = 1000) -> Iterator[list[str]]:
-        """Stream the stored keys (under ``folder``), ``batch`` at a time, without holding all."""
+    def iter_keys(self, folder: str | None = None, batch: int = ITER_BATCH) -> Iterator[list[str]]:
+        """Stream the stored keys (under ``folder``), ``batch`` at a time, without holding all.
+
+        A query iterator pages through the keys in order, so a million stored rows never sit in
+        client memory at once.
+        """
         expr = folder_prefix_filter(folder) if folder else 'path != ""'
+        if self._unsynced:
+            self.sync()  # the iterator reads at its own timestamp, not this process's session
+        self._ready()
         iterator = self._call(
             self.client.query_iterator,
             self.collection,
@@ -459,7 +592,7 @@ class Store:
         )
         try:
             while True:
-                page = self._call(iterator.next)
+                page = self._call(iterator.next, _retry=False)  # retries were set for the iterator
                 if not page:
                     break
                 yield [row["path"] for row in page]
@@ -468,16 +601,19 @@ class Store:
                 iterator.close()
 
     def flush(self) -> None:
-        """Make every write visible to searches and durable (a no-op cost on Lite)."""
+        """After a bulk write: make every row durable, indexed and visible to every process.
+
+        On a server this seals the growing segments (so the ANN index is built for them) and
+        waits until searches see all writes; call it once at the end, not per batch.
+        """
         if self.is_server:
             self._call(self.client.flush, self.collection)
+            self.sync()
 
     def search(
         self, vectors: Sequence[Sequence[float]], limit: int, folder: str | None = None
     ) -> list[list[SearchHit]]:
-        params: dict[str, Any] = {"metric_type": "COSINE"}
-        if self.is_server:
-            params["params"] = {"ef": max(128, limit * 2)}
+        reads = self._reads()
         results = self._call(
             self.client.search,
             self.collection,
@@ -485,9 +621,32 @@ class Store:
             limit=limit,
             filter=folder_prefix_filter(folder) if folder else "",
             output_fields=["path", "width", "height", "size"],
-            search_params=params,
+            search_params=self._search_params(limit),
+            **reads,
         )
         return [[_hit(item) for item in result] for result in results]
+
+    def _search_params(self, limit: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"metric_type": "COSINE"}
+        if not self.is_server:
+            return params
+        kind = self.index_type()
+        if kind == "HNSW":
+            params["params"] = {"ef": max(self.search_ef, limit)}
+        elif kind.startswith("IVF"):
+            params["params"] = {"nprobe": max(1, min(65536, self.search_ef // 2))}
+        return params
+
+    def index_type(self) -> str:
+        """The vector index's type (``HNSW``, ``IVF_FLAT``, ``FLAT``, ...), read once."""
+        if self._index_type is None:
+            kind = ""
+            names = self._call(self.client.list_indexes, self.collection, field_name=VECTOR)
+            if names:
+                described = self._call(self.client.describe_index, self.collection, names[0])
+                kind = str(described.get("index_type", ""))
+            self._index_type = kind.upper()
+        return self._index_type
 
     def vectors_of(self, keys: Sequence[str]) -> dict[str, list[float]]:
         rows = self._call(
@@ -495,14 +654,18 @@ class Store:
             self.collection,
             filter=keys_filter(list(keys)),
             output_fields=["path", VECTOR],
+            **self._reads(),
         )
         return {row["path"]: row[VECTOR] for row in rows}
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, func: Any, *args: Any, _retry: bool = True, **kwargs: Any) -> Any:
         if not self.is_server and getattr(func, "__self__", None) is self.client:
             kwargs.setdefault("timeout", LITE_CALL_TIMEOUT_S)  # bounds pymilvus's retries too
+        if self.is_server and _retry:
+            # pymilvus retries an unavailable server 75 times (3.5 minutes); a few seconds will do
+            kwargs.setdefault("retry_times", SERVER_RETRIES)
         try:
             return func(*args, **kwargs)
         except Exception as exc:
@@ -522,7 +685,7 @@ class Store:
         if "auth" in lowered or "permission denied" in lowered:
             return StoreError(f"authentication failed for {self.uri}: check --token / PIXFIND_TOKEN")
         if "unavailable" in lowered or "connect" in lowered:
-            return StoreError(f"lost connection to Milvus at {self.uri}: {text}")
+            return StoreError(f"lost connection to Milvus at {self.uri}: is the server still running? ({text})")
         if "no space" in lowered or "disk" in lowered:
             return StoreError(f"index {self.uri} could not be written ({text}): free disk space")
         return StoreError(f"Milvus error on {self.uri} ({self.collection}): {text}")
@@ -545,16 +708,6 @@ def _hit(item: dict[str, Any]) -> SearchHit:
         height=int(entity.get("height", 0)),
         size=int(entity.get("size", 0)),
     )
-
-
-def _delete_count(result: Any, default: int) -> int:
-    """Lite returns the deleted keys, a server ``{'delete_count': N}``."""
-    if isinstance(result, dict):
-        return int(result.get("delete_count", default))
-    try:
-        return len(result)
-    except TypeError:
-        return default
 
 
 def _release_lite(db: str) -> None:
