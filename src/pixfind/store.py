@@ -739,19 +739,6 @@ def _looks_like_lite(db: Path) -> bool:
     return "collection_meta" in tables
 
 
-def _server_answers(uri: str) -> bool:
-    """Is something listening at ``uri``? Tells a rejected token from a dead server."""
-    import socket
-    from urllib.parse import urlparse
-
-    parsed = urlparse(uri)
-    try:
-        with socket.create_connection((parsed.hostname or "localhost", parsed.port or 19530), 2):
-            return True
-    except OSError:
-        return False
-
-
 def _check_vector_dim(description: dict[str, Any], info: CollectionInfo, name: str) -> None:
     """The vector field must have the dimension the collection's record claims."""
     for field in description.get("fields", []):
