@@ -117,6 +117,42 @@ def stored_count(uri: str) -> int:
     return len(stored_state(uri)[0])
 
 
+WRITER = """
+import random, sys
+from pixfind.config import ModelSpec
+from pixfind.store import Row, Store
+store = Store(sys.argv[1])
+store.ensure(ModelSpec("x", None), 64)
+for batch in range(10_000):
+    store.write([Row(f"/p/{batch}/{i}", [random.random() for _ in range(64)], 1, 1, 1, 1, "f") for i in range(200)])
+    print(batch + 1, flush=True)  # acknowledged: upsert returned
+"""
+
+
+@pytest.mark.parametrize("victims", ["pixfind", "pixfind and its Milvus Lite server"])
+def test_acknowledged_upserts_survive_sigkill_without_flush(victims: str, tmp_path: Path) -> None:
+    """Milvus Lite persists each upsert before it returns: no flush is needed for durability."""
+    uri = str(tmp_path / "durable.db")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, uri], env=pixfind_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acked = 0
+    while acked < 5:
+        acked = int(proc.stdout.readline())
+    if victims != "pixfind":
+        server = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "milvus"], capture_output=True, text=True)
+        for pid in server.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
+    acked = max([acked, *(int(line) for line in proc.stdout.read().split())])
+    proc.wait()
+    _wait_for_orphans(uri)
+    keys, count, _ = stored_state(uri)
+    assert count == len(keys) == len(set(keys))
+    assert acked * 200 <= count <= (acked + 1) * 200  # every acknowledged batch; at most one more
+
+
 def test_sigkill_at_fixed_points_then_resume_stores_each_image_once(tmp_path: Path) -> None:
     folder = tmp_path / "library"
     photos = make_library(folder, 28)
