@@ -54,9 +54,7 @@ def fetch_packages() -> Path:
     debs.mkdir(parents=True, exist_ok=True)
     missing = [p for p in PACKAGES if not list(debs.glob(f"{p}_*.deb"))]
     if missing:
-        result = subprocess.run(
-            ["apt-get", "download", *missing], cwd=debs, capture_output=True, text=True
-        )
+        result = subprocess.run(["apt-get", "download", *missing], cwd=debs, capture_output=True, text=True)
         if result.returncode != 0 or any(not list(debs.glob(f"{p}_*.deb")) for p in missing):
             sys.exit(f"cannot fetch {' '.join(missing)} with apt-get download:\n{result.stderr[-2000:]}")
     root.mkdir(parents=True, exist_ok=True)
@@ -165,7 +163,9 @@ def describe(folder: Path) -> str:
     kb = np.array([b / 1024 for *_, b in rows])
     edges = [0.3, 0.5, 1, 2, 4, 8, 12.01]
     hist, _ = np.histogram(mp, bins=edges)
-    buckets = ", ".join(f"{lo:g}-{min(hi, 12):g} MP: {n}" for lo, hi, n in zip(edges, edges[1:], hist))
+    buckets = ", ".join(
+        f"{lo:g}-{min(hi, 12):g} MP: {n}" for lo, hi, n in zip(edges, edges[1:], hist, strict=False)
+    )
     return (
         f"{len(rows)} JPEGs in {folder}: megapixels min {mp.min():.2f} / median {np.median(mp):.2f} / "
         f"mean {mp.mean():.2f} / max {mp.max():.2f}; file size median {np.median(kb):.0f} KiB, "

@@ -1,0 +1,536 @@
+"""ONNX Runtime backend: the open_clip towers exported once, then run without torch.
+
+``load_encoder(spec)`` is the entry point: on CPU it returns an :class:`OnnxClipEncoder` when the
+towers are exported (exporting them on first use, which needs torch) and pass the parity check
+against torch, else a torch :class:`~pixfind.encoder.ClipEncoder`, with the reason logged.
+
+The export cache (``cache_dir()/onnx/<model>-<weights-hash>/``) holds ``visual.onnx``,
+``text.onnx``, the tokenizer's merges and ``meta.json`` (written last: a folder without it is
+incomplete). Once it exists, nothing here imports torch or open_clip: preprocessing is done with
+Pillow and numpy (checked equal to open_clip's transform at export), tokenising by
+:mod:`pixfind.cliptokenizer` (checked equal to open_clip's tokenizer at export). Vectors are the
+torch backend's to within 1e-4 (checked at export), so indexes built with either can be searched
+with either.
+
+int8 dynamic quantisation is opt-in (``int8=True``): ~1.5x faster on AVX2 CPUs, but embeddings
+drift from fp32 (cosine recorded in ``meta.json`` as ``int8_cosine``); do not mix int8 and fp32
+vectors in one index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import ModelSpec, cache_dir
+from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .encoder import ClipEncoder
+
+log = logging.getLogger(__name__)
+
+#: Bump when the export format or the parity checks change: old folders are then ignored.
+EXPORT_VERSION = 1
+OPSET = 17
+#: Largest allowed |ORT - torch| on unit vectors (typically ~3e-6 in fp32).
+PARITY_TOL = 1e-4
+META = "meta.json"
+FAILED = "failed.json"
+BPE_FILE = "bpe_merges.txt"
+
+PARITY_TEXTS = [
+    "a photo of a dog",
+    "",
+    "A red car parked in front of an old building at night, raining",
+    "Ünïcödé café — “quotes” ﬁ 日本語 🐱",
+    "&amp; html &lt;b&gt; entities",
+    "very long caption " * 40,
+]
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def weights_key(spec: ModelSpec) -> str:
+    """Short hash naming the weights: the tag, or the checkpoint's path, size and mtime. Random
+    weights also depend on the open_clip and torch versions (their initialisation may change)."""
+    parts: dict[str, Any] = {"weights": spec.weights, "export": EXPORT_VERSION}
+    if spec.checkpoint:
+        try:
+            st = Path(spec.checkpoint).stat()
+            parts["file"] = [str(Path(spec.checkpoint).resolve()), st.st_size, st.st_mtime_ns]
+        except OSError:
+            parts["file"] = "missing"
+    elif not spec.pretrained:
+        from .encoder import RANDOM_WEIGHTS_SEED
+
+        parts["random"] = [RANDOM_WEIGHTS_SEED, _version("open_clip_torch"), _version("torch")]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def export_dir(spec: ModelSpec) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
+    return cache_dir() / "onnx" / f"{safe}-{weights_key(spec)}"
+
+
+def default_threads() -> int:
+    return int(os.environ.get("PIXFIND_THREADS", "0")) or (os.cpu_count() or 1)
+
+
+class OnnxClipEncoder:
+    """Same interface as :class:`~pixfind.encoder.ClipEncoder`, on ONNX Runtime (CPU).
+
+    Sessions are created on first use, so a process that only embeds queries never loads the
+    image tower (and vice versa).
+    """
+
+    backend = "onnx"
+    device = "cpu"
+
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int | None = None,
+        int8: bool = False,
+        spinning: bool | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / META).read_text())
+        if meta.get("version") != EXPORT_VERSION:
+            raise ModelLoadError(f"stale ONNX export in {self.folder}")
+        self.meta = meta
+        self.spec = ModelSpec.from_weights(meta["model"], meta["weights"])
+        self.dim = int(meta["dim"])
+        self.image_size = int(meta["image_size"])
+        self.threads = threads or default_threads()
+        self.int8 = int8
+        #: Spinning ORT workers burn a core between runs; off when decode threads share the CPU.
+        self.spinning = spinning
+        self._sessions: dict[str, Any] = {}
+        self._tokenizer: Any = None
+        pre = meta["preprocess"]
+        self._mean = np.array(pre["mean"], dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.array(pre["std"], dtype=np.float32).reshape(3, 1, 1)
+
+    @classmethod
+    def open(cls, spec: ModelSpec, **kwargs: Any) -> OnnxClipEncoder | None:
+        """The exported encoder for ``spec`` if the cache has it, else None (never exports)."""
+        folder = export_dir(spec)
+        if not (folder / META).is_file():
+            return None
+        try:
+            return cls(folder, **kwargs)
+        except (OSError, ValueError, KeyError, ModelLoadError) as exc:
+            log.warning("ignoring ONNX export in %s: %s", folder, exc)
+            return None
+
+    @property
+    def draft_side(self) -> int:
+        """Shortest side to decode images at: twice the model's input keeps cosine ≥ 0.995."""
+        return 2 * self.image_size
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def session(self, tower: str) -> Any:
+        if tower not in self._sessions:
+            self._sessions[tower] = self._make_session(tower)
+        return self._sessions[tower]
+
+    def _make_session(self, tower: str) -> Any:
+        import onnxruntime as ort
+
+        path = self.folder / f"{tower}.onnx"
+        if self.int8:
+            path = quantize(self.folder, tower)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spinning = self.spinning
+        if spinning is None:
+            spinning = os.environ.get("PIXFIND_ORT_SPIN", "1") != "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    # -- images -----------------------------------------------------------------------------
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """open_clip's transform (shortest side to ``image_size`` bicubic, centre crop, scale,
+        normalise) in Pillow + numpy; equal to torchvision's output (checked at export)."""
+        from PIL import Image
+
+        size = self.image_size
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        w, h = image.size
+        if w <= h:
+            new_w, new_h = size, int(size * h / w)
+        else:
+            new_w, new_h = int(size * w / h), size
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.BICUBIC)
+        left = round((new_w - size) / 2.0)
+        top = round((new_h - size) / 2.0)
+        if (new_w, new_h) != (size, size):
+            image = image.crop((left, top, left + size, top + size))
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
+        return (array - self._mean) / self._std
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
+        batch = np.ascontiguousarray(pixels, dtype=np.float32)
+        (features,) = self.session("visual").run(None, {"pixels": batch})
+        return _normalise(features)
+
+    # -- text -------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            info = self.meta.get("tokenizer")
+            if info:
+                from .cliptokenizer import ClipTokenizer
+
+                self._tokenizer = ClipTokenizer(self.folder / BPE_FILE, info["context_length"])
+            else:  # not a plain CLIP BPE tokenizer: open_clip's own (imports torch)
+                import open_clip
+
+                tok = open_clip.get_tokenizer(self.spec.name)
+                self._tokenizer = lambda texts: tok(texts).numpy()
+        return self._tokenizer
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        return self.tokenizer(texts)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed text queries into unit vectors (N, dim); padding after the longest prompt is
+        cut off when the text tower allows it (see :func:`pixfind.encoder.text_tower`)."""
+        from .cliptokenizer import trim_padding
+
+        tokens = self.tokenize(texts)
+        if self.meta.get("text_trim"):
+            tokens = trim_padding(tokens)
+        (features,) = self.session("text").run(None, {"tokens": tokens.astype(np.int64)})
+        return _normalise(features)
+
+
+def _normalise(features: np.ndarray) -> np.ndarray:
+    features = features.astype(np.float32, copy=False)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+# -- choosing a backend ----------------------------------------------------------------------
+
+
+def load_encoder(
+    spec: ModelSpec,
+    backend: str | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    int8: bool = False,
+) -> ClipEncoder | OnnxClipEncoder:
+    """The encoder to use: ``backend`` "onnx", "torch" or "auto"/None (``$PIXFIND_BACKEND``,
+    default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback)."""
+    backend = (backend or os.environ.get("PIXFIND_BACKEND") or "auto").lower()
+    if backend not in ("auto", "onnx", "torch"):
+        raise ModelLoadError(f"unknown backend {backend!r}: choose auto, onnx or torch")
+    if backend == "auto" and device.startswith("cuda"):
+        backend = "torch"
+    if backend != "torch":
+        encoder = OnnxClipEncoder.open(spec, threads=threads, int8=int8)
+        if encoder is not None:
+            return encoder
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            reason = f"onnxruntime not installed ({exc}); pip install 'pixfind[onnx]'"
+            if backend == "onnx":
+                raise ModelLoadError(reason) from exc
+            log.info("using torch: %s", reason)
+            backend = "torch"
+    from .encoder import ClipEncoder, configure_threads
+
+    if backend == "torch" or device.startswith("cuda"):
+        configure_threads(threads)
+        return ClipEncoder(spec, device)
+    torch_encoder = ClipEncoder(spec, "cpu")
+    if device == "auto":
+        from .encoder import pick_device
+
+        if pick_device("auto") != "cpu":  # a GPU after all: torch there
+            configure_threads(threads)
+            return ClipEncoder(spec, device)
+    failure = _previous_failure(spec)
+    if failure is None:
+        try:
+            folder = export(torch_encoder)
+            return OnnxClipEncoder(folder, threads=threads, int8=int8)
+        except Exception as exc:  # any export failure means: use torch
+            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+            _record_failure(spec, failure)
+    if backend == "onnx":
+        raise ModelLoadError(f"ONNX export of {spec.describe()} failed: {failure}")
+    log.warning("ONNX export of %s unusable, using torch: %s", spec.describe(), failure)
+    configure_threads(threads)
+    return torch_encoder
+
+
+def _failure_key() -> dict[str, str]:
+    return {
+        "export": str(EXPORT_VERSION),
+        "torch": _version("torch"),
+        "open_clip": _version("open_clip_torch"),
+        "onnxruntime": _version("onnxruntime"),
+    }
+
+
+def _previous_failure(spec: ModelSpec) -> str | None:
+    """A recorded export failure for these exact library versions (not retried every run)."""
+    path = export_dir(spec).parent / f"{export_dir(spec).name}.{FAILED}"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("reason") if record.get("versions") == _failure_key() else None
+
+
+def _record_failure(spec: ModelSpec, reason: str) -> None:
+    path = export_dir(spec).parent / f"{export_dir(spec).name}.{FAILED}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"reason": reason, "versions": _failure_key()}))
+    except OSError:
+        pass
+
+
+# -- export (needs torch) --------------------------------------------------------------------
+
+
+def export(encoder: ClipEncoder, folder: Path | None = None) -> Path:
+    """Export ``encoder``'s towers to ONNX, check them against torch, and commit the folder.
+
+    Raises on any failure (export, parity, preprocessing or tokenizer mismatch); the caller falls
+    back to torch. Safe against concurrent exporters: each writes a private folder and renames it.
+    """
+    import torch
+
+    from .encoder import text_tower
+
+    spec = encoder.spec
+    folder = folder or export_dir(spec)
+    if (folder / META).is_file():
+        return folder
+    started = time.perf_counter()
+    work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        model = encoder.model.float().eval()
+        tower = text_tower(model, export=True)
+        trim = tower is not None
+        if tower is None:
+
+            class FullText(torch.nn.Module):
+                def __init__(self) -> None:
+                    super().__init__()
+                    self.model = model
+
+                def forward(self, tokens: Any) -> Any:
+                    return self.model.encode_text(tokens)
+
+            tower = FullText().eval()
+        previous = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            size = encoder.image_size
+            pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            tokens = encoder.tokenize(["a photo of a dog", "x"])
+            if trim:  # trace at a length other than the context, so nothing pins it to 77
+                from .encoder import trim_padding
+
+                tokens = trim_padding(tokens)
+            _export(model.visual, pixels, work / "visual.onnx", "pixels", {0: "batch"})
+            _export(
+                tower,
+                tokens,
+                work / "text.onnx",
+                "tokens",
+                {0: "batch", 1: "length"} if trim else {0: "batch"},
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(previous)
+        preprocess = _preprocess_config(encoder)
+        tokenizer = _tokenizer_config(encoder, work)
+        meta = {
+            "version": EXPORT_VERSION,
+            "model": spec.name,
+            "weights": spec.weights,
+            "dim": encoder.dim,
+            "image_size": encoder.image_size,
+            "text_trim": trim,
+            "preprocess": preprocess,
+            "tokenizer": tokenizer,
+            "opset": OPSET,
+            "versions": _failure_key(),
+        }
+        (work / META).write_text(json.dumps(meta, indent=1))
+        candidate = OnnxClipEncoder(work, threads=None)
+        meta["parity"] = check_parity(encoder, candidate)
+        meta["export_seconds"] = round(time.perf_counter() - started, 1)
+        (work / (META + ".tmp")).write_text(json.dumps(meta, indent=1))
+        (work / (META + ".tmp")).replace(work / META)
+        try:
+            work.rename(folder)
+        except OSError:
+            if not (folder / META).is_file():  # not a concurrent winner: a real failure
+                raise
+        log.info("exported %s to ONNX in %.0f s: %s", spec.describe(), meta["export_seconds"], folder)
+        return folder
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _export(module: Any, sample: Any, path: Path, name: str, axes: dict[int, str]) -> None:
+    import torch
+
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[name],
+            output_names=["features"],
+            dynamic_axes={name: axes, "features": {0: "batch"}},
+            do_constant_folding=True,
+        )
+
+
+def _preprocess_config(encoder: ClipEncoder) -> dict[str, Any]:
+    """Read open_clip's transform; refuse any pipeline the numpy version does not reproduce."""
+    from torchvision import transforms as T
+
+    steps = list(getattr(encoder._transform, "transforms", []))
+    kinds = [type(s).__name__ for s in steps]
+    expected = ["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"]
+    allowed = [k for k in kinds if k not in ("MaybeConvertMode", "_convert_to_rgb")]
+    if allowed != [e for e in expected if e != "MaybeConvertMode"]:
+        raise ModelLoadError(f"unsupported preprocessing pipeline {kinds}")
+    resize, crop, normalize = steps[0], steps[1], steps[-1]
+    size = resize.size if isinstance(resize.size, int) else None
+    if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
+        size = resize.size[0]
+    if (
+        size != encoder.image_size
+        or resize.interpolation != T.InterpolationMode.BICUBIC
+        or resize.max_size is not None
+        or tuple(crop.size) != (encoder.image_size, encoder.image_size)
+    ):
+        raise ModelLoadError(f"unsupported resize/crop {resize} {crop}")
+    return {"mean": [float(v) for v in normalize.mean], "std": [float(v) for v in normalize.std]}
+
+
+def _tokenizer_config(encoder: ClipEncoder, work: Path) -> dict[str, Any] | None:
+    """Save the BPE merges when open_clip's tokenizer is the plain CLIP one (else None: the ONNX
+    encoder then tokenises with open_clip, which imports torch)."""
+    try:
+        from open_clip.tokenizer import SimpleTokenizer, _clean_lower, default_bpe
+    except ImportError:
+        return None
+    tok = encoder._tokenizer
+    if (
+        type(tok) is not SimpleTokenizer
+        or tok.clean_fn is not _clean_lower
+        or tok.reduction_fn is not None
+        or tok.vocab_size != 49408
+    ):
+        return None
+    import gzip
+
+    lines = (
+        gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")[: 49152 - 256 - 2 + 1]
+    )
+    (work / BPE_FILE).write_text("\n".join(lines), encoding="utf-8")
+    from .cliptokenizer import ClipTokenizer
+
+    ours = ClipTokenizer(work / BPE_FILE, tok.context_length)
+    if ours.encoder != tok.encoder:
+        return None
+    return {"kind": "clip-bpe", "context_length": int(tok.context_length)}
+
+
+def check_parity(encoder: ClipEncoder, candidate: OnnxClipEncoder) -> dict[str, float]:
+    """Compare the ONNX encoder with torch on images (including the preprocessing) and texts
+    (including the tokenizer and trimming); raise ModelLoadError when they differ."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in ((300, 400), (517, 233), (224, 224), (97, 1000))
+    ]
+    gradient = np.linspace(0, 255, 640 * 480 * 3).reshape(480, 640, 3).astype(np.uint8)
+    images.append(Image.fromarray(gradient))
+    torch_pixels = np.stack([encoder.preprocess(img) for img in images])
+    ours = np.stack([candidate.preprocess(img) for img in images])
+    pre_diff = float(np.abs(torch_pixels - ours).max())
+    if pre_diff > 1e-5:
+        raise ModelLoadError(f"numpy preprocessing differs from open_clip's by {pre_diff:.2e}")
+    a = encoder.encode_images(torch_pixels)
+    b = candidate.encode_images(ours)
+    image_diff = float(np.abs(a - b).max())
+    a1 = candidate.encode_images(ours[:1])  # batch 1 through the dynamic axis
+    image_diff = max(image_diff, float(np.abs(a[:1] - a1).max()))
+    if image_diff > PARITY_TOL:
+        raise ModelLoadError(f"ONNX image tower differs from torch by {image_diff:.2e}")
+    token_diff = 0
+    if candidate.meta.get("tokenizer"):
+        theirs = encoder.tokenize(PARITY_TEXTS).numpy()
+        token_diff = int((theirs != candidate.tokenize(PARITY_TEXTS)).sum())
+        if token_diff:
+            raise ModelLoadError("torch-free tokenizer differs from open_clip's")
+    import torch
+
+    with torch.inference_mode():  # reference: full 77 positions, open_clip's own encode_text
+        full = encoder.model.encode_text(encoder.tokenize(PARITY_TEXTS)).float().numpy()
+    full = _normalise(full)
+    text_diff = 0.0
+    for texts, ref in ((PARITY_TEXTS, full), (PARITY_TEXTS[:1], full[:1]), (PARITY_TEXTS[:3], full[:3])):
+        text_diff = max(text_diff, float(np.abs(candidate.encode_texts(texts) - ref).max()))
+    if text_diff > PARITY_TOL:
+        raise ModelLoadError(f"ONNX text tower differs from torch by {text_diff:.2e}")
+    return {"preprocess": pre_diff, "image": image_diff, "text": text_diff, "tokens": token_diff}
+
+
+def quantize(folder: Path, tower: str) -> Path:
+    """int8 dynamic quantisation of one tower (weights int8, activations quantised at run time);
+    made once, beside the fp32 file."""
+    target = folder / f"{tower}.int8.onnx"
+    if target.is_file():
+        return target
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = folder / f".{tower}.int8.{os.getpid()}.onnx"
+    quantize_dynamic(str(folder / f"{tower}.onnx"), str(tmp), weight_type=QuantType.QInt8)
+    tmp.replace(target)
+    return target
