@@ -410,9 +410,12 @@ def export(encoder: ClipEncoder, folder: Path | None = None) -> Path:
 
 
 def _export(module: Any, sample: Any, path: Path, name: str, axes: dict[int, str]) -> None:
+    import warnings
+
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks: parity decides
         torch.onnx.export(
             module,
             (sample,),

@@ -1,0 +1,211 @@
+"""ONNX backend: parity with torch, the torch-free tokenizer, trimming, the export cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+open_clip = pytest.importorskip("open_clip")
+torch = pytest.importorskip("torch")
+
+from pixfind import onnx_encoder  # noqa: E402
+from pixfind.cliptokenizer import ClipTokenizer, trim_padding  # noqa: E402
+from pixfind.config import ModelSpec  # noqa: E402
+from pixfind.encoder import ClipEncoder  # noqa: E402
+from pixfind.onnx_encoder import OnnxClipEncoder, export_dir, load_encoder  # noqa: E402
+from pixfind.textquery import load_text_encoder  # noqa: E402
+
+SPEC = ModelSpec("ViT-S-32", None)
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+TEXTS = [
+    "a photo of a dog",
+    "",
+    "   lots   of\twhitespace\n\r ",
+    "Ünïcödé café naïve — “curly quotes” ﬁ ligature",
+    "日本語のテキスト 🐱🐶 emoji",
+    "&amp;lt;b&amp;gt; html &amp; entities",
+    "Mojibake: cafÃ©",
+    "ＦＵＬＬＷＩＤＴＨ ｔｅｘｔ",
+    "control\x00chars\x1b[31m and escapes",
+    "it's we're they'll I'd 123 4567 3.14",
+    "word " * 100,
+    "x" * 400,
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pixfind-cache")
+    old = os.environ.get("PIXFIND_CACHE_DIR")
+    os.environ["PIXFIND_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("PIXFIND_CACHE_DIR", None)
+    else:
+        os.environ["PIXFIND_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def torch_encoder(cache: Path) -> ClipEncoder:
+    return ClipEncoder(SPEC, "cpu")
+
+
+@pytest.fixture(scope="module")
+def onnx(torch_encoder: ClipEncoder) -> OnnxClipEncoder:
+    encoder = load_encoder(SPEC, backend="onnx", threads=1)
+    assert isinstance(encoder, OnnxClipEncoder)
+    return encoder
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    sizes = [(224, 224), (300, 301), (640, 480), (97, 1000), (1001, 33), (225, 224)]
+    out = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    smooth = np.linspace(0, 255, 480 * 800 * 3).reshape(480, 800, 3).astype(np.uint8)
+    out.append(Image.fromarray(smooth))
+    return out
+
+
+def test_interface(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    assert onnx.spec == SPEC
+    assert onnx.dim == torch_encoder.dim == 384
+    assert onnx.image_size == torch_encoder.image_size == 224
+    assert onnx.draft_side == torch_encoder.draft_side
+    meta = json.loads((export_dir(SPEC) / "meta.json").read_text())
+    assert meta["parity"]["image"] < 1e-4 and meta["parity"]["text"] < 1e-4
+
+
+def test_preprocess_equals_open_clip(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    for img in _images():
+        ours = onnx.preprocess(img)
+        theirs = torch_encoder.preprocess(img)
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape == (3, 224, 224)
+        assert np.abs(ours - theirs).max() < 1e-6
+
+
+def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    pixels = np.stack([torch_encoder.preprocess(img) for img in _images()])
+    for batch in (pixels[:1], pixels[:3], pixels):
+        a = torch_encoder.encode_images(batch)
+        b = onnx.encode_images(batch)
+        assert b.dtype == np.float32 and b.shape == (len(batch), 384)
+        assert np.abs(a - b).max() < 1e-4
+        assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+
+
+def test_text_parity_with_full_length_torch(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    with torch.inference_mode():
+        full = torch_encoder.model.encode_text(torch_encoder.tokenize(TEXTS)).numpy()
+    full /= np.linalg.norm(full, axis=1, keepdims=True)
+    assert np.abs(onnx.encode_texts(TEXTS) - full).max() < 1e-4
+    for i in (0, 1, 3):  # alone: trimmed to a few tokens
+        assert np.abs(onnx.encode_texts([TEXTS[i]])[0] - full[i]).max() < 1e-4
+
+
+def test_trimming_gives_the_same_embedding(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    short = ["a dog", "a photo of a red car at night", ""]
+    tokens = torch_encoder.tokenize(short)
+    assert trim_padding(tokens.numpy()).shape[1] < 77
+    with torch.inference_mode():
+        full = torch_encoder.model.encode_text(tokens).numpy()
+    full /= np.linalg.norm(full, axis=1, keepdims=True)
+    trimmed = torch_encoder.encode_texts(short)  # torch, trimmed
+    assert (full * trimmed).sum(1).min() >= 0.9999998
+    # ONNX: the same graph at full length and trimmed
+    session = onnx.session("text")
+    (at77,) = session.run(None, {"tokens": tokens.numpy()})
+    (cut,) = session.run(None, {"tokens": trim_padding(tokens.numpy())})
+    at77 /= np.linalg.norm(at77, axis=1, keepdims=True)
+    cut /= np.linalg.norm(cut, axis=1, keepdims=True)
+    assert (at77 * cut).sum(1).min() >= 0.9999998
+
+
+def test_tokenizer_equals_open_clip(onnx: OnnxClipEncoder) -> None:
+    theirs = open_clip.get_tokenizer("ViT-B-32")
+    ours = onnx.tokenizer
+    rng = random.Random(0)
+    texts = list(TEXTS)
+    texts += ["".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(60))) for _ in range(300)]
+    pool = [(32, 127), (160, 0x2FFF), (0x3040, 0x30FF), (0x4E00, 0x4FFF), (0x1F300, 0x1F64F)]
+    for _ in range(300):
+        texts.append("".join(chr(rng.randrange(*rng.choice(pool))) for _ in range(rng.randrange(40))))
+    expected = theirs(texts).numpy()
+    got = ours(texts)
+    assert got.dtype == np.int64 and got.shape == expected.shape == (len(texts), 77)
+    assert (got == expected).all()
+    long = ours(["word " * 100])[0]  # truncated to 77 with end-of-text last
+    assert long[0] == ours.sot_token_id and long[-1] == ours.eot_token_id
+
+
+def test_tokenizer_reads_open_clip_gz(onnx: OnnxClipEncoder) -> None:
+    from open_clip.tokenizer import default_bpe
+
+    a = ClipTokenizer(default_bpe())(TEXTS)
+    assert (a == onnx.tokenizer(TEXTS)).all()
+
+
+def test_cache_reused_without_export_or_torch(onnx: OnnxClipEncoder, monkeypatch) -> None:
+    def no_export(*args, **kwargs):
+        raise AssertionError("export called although the cache has it")
+
+    monkeypatch.setattr(onnx_encoder, "export", no_export)
+    again = load_encoder(SPEC, backend="auto", threads=1)
+    assert isinstance(again, OnnxClipEncoder)
+    assert again.folder == onnx.folder
+    # a fresh process: query path imports neither torch nor open_clip
+    script = (
+        "import sys\n"
+        "from pixfind.config import ModelSpec\n"
+        "from pixfind.textquery import load_text_encoder\n"
+        "enc = load_text_encoder(ModelSpec('ViT-S-32', None))\n"
+        "v = enc.encode_texts(['a dog'])\n"
+        "print(v.shape, 'torch' in sys.modules, 'open_clip' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(1,", "384)", "False", "False"]
+    encoder = load_text_encoder(SPEC)
+    expected = onnx.encode_texts(["a dog"])
+    assert np.abs(encoder.encode_texts(["a dog"]) - expected).max() < 1e-6
+
+
+def test_no_export_means_no_text_encoder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PIXFIND_CACHE_DIR", str(tmp_path))
+    assert load_text_encoder(SPEC) is None
+    assert OnnxClipEncoder.open(SPEC) is None
+
+
+def test_export_failure_falls_back_to_torch(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("PIXFIND_CACHE_DIR", str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated exporter bug")
+
+    monkeypatch.setattr(onnx_encoder, "_export", broken)
+    with caplog.at_level("WARNING"):
+        encoder = load_encoder(SPEC, backend="auto", threads=1)
+    assert isinstance(encoder, ClipEncoder)
+    assert "simulated exporter bug" in caplog.text
+    assert not (export_dir(SPEC) / "meta.json").exists()
+    assert not list(export_dir(SPEC).parent.glob(".*.tmp"))  # no half-written folder left
+    with pytest.raises(Exception, match="simulated exporter bug"):
+        load_encoder(SPEC, backend="onnx", threads=1)  # recorded: not retried, reason given
+
+
+def test_int8_is_opt_in_and_close(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    int8 = OnnxClipEncoder(onnx.folder, threads=1, int8=True)
+    pixels = np.stack([torch_encoder.preprocess(img) for img in _images()])
+    cos = (int8.encode_images(pixels) * onnx.encode_images(pixels)).sum(1)
+    assert cos.min() > 0.95
+    assert not onnx.int8 and (onnx.folder / "visual.int8.onnx").is_file()
