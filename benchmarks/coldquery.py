@@ -94,7 +94,11 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-lite", action="store_true")
+    parser.add_argument("--make-db", nargs=2, metavar=("FOLDER", "DIM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_db:  # in its own process: Lite keeps a file open until its process exits
+        make_lite_db(Path(args.make_db[0]), int(args.make_db[1]))
+        return
     sys.path.insert(0, SRC)
     from pixfind.config import ModelSpec
     from pixfind.onnx_encoder import OnnxClipEncoder
@@ -107,7 +111,7 @@ def main() -> None:
     if args.skip_lite:
         steps.pop("lite: import + open + search")
     else:
-        make_lite_db(tmp, enc.dim)
+        subprocess.run([sys.executable, __file__, "--make-db", str(tmp), str(enc.dim)], check=True)
     walls: dict[str, list[float]] = {k: [] for k in steps}
     details: dict[str, list[dict]] = {k: [] for k in steps}
     for _ in range(args.repeats):

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bump when the export format or the parity checks change: old folders are then ignored.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 OPSET = 17
 #: Largest allowed |ORT - torch| on unit vectors (typically ~3e-6 in fp32).
 PARITY_TOL = 1e-4
@@ -410,16 +410,21 @@ def export(encoder: ClipEncoder, folder: Path | None = None) -> Path:
 
 
 def _export(module: Any, sample: Any, path: Path, name: str, axes: dict[int, str]) -> None:
+    """Trace ``module`` to ``path``, weights in ``<path>.data`` beside it: ONNX Runtime maps an
+    external weights file instead of parsing it out of the protobuf, which makes creating the
+    text session ~3x faster (0.6 -> 0.2 s for ViT-B-32): most of a cold query's model cost."""
     import warnings
 
+    import onnx
     import torch
 
+    traced = path.with_name(f".{path.name}.traced")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape checks: parity decides
         torch.onnx.export(
             module,
             (sample,),
-            str(path),
+            str(traced),
             dynamo=False,
             opset_version=OPSET,
             input_names=[name],
@@ -427,6 +432,16 @@ def _export(module: Any, sample: Any, path: Path, name: str, axes: dict[int, str
             dynamic_axes={name: axes, "features": {0: "batch"}},
             do_constant_folding=True,
         )
+    proto = onnx.load(str(traced))
+    traced.unlink()
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
 
 
 def _preprocess_config(encoder: ClipEncoder) -> dict[str, Any]:
