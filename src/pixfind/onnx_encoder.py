@@ -222,7 +222,7 @@ class OnnxClipEncoder:
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Embed text queries into unit vectors (N, dim); padding after the longest prompt is
-        cut off when the text tower allows it (see :func:`pixfind.encoder.text_tower`)."""
+        cut off when the text tower allows it (see :func:`text_tower_for_export`)."""
         from .cliptokenizer import trim_padding
 
         tokens = self.tokenize(texts)
@@ -333,8 +333,6 @@ def export(encoder: ClipEncoder, folder: Path | None = None) -> Path:
     """
     import torch
 
-    from .encoder import text_tower
-
     spec = encoder.spec
     folder = folder or export_dir(spec)
     if (folder / META).is_file():
@@ -345,7 +343,7 @@ def export(encoder: ClipEncoder, folder: Path | None = None) -> Path:
     work.mkdir(parents=True)
     try:
         model = encoder.model.float().eval()
-        tower = text_tower(model, export=True)
+        tower = text_tower_for_export(model)
         trim = tower is not None
         if tower is None:
 
@@ -407,6 +405,78 @@ def export(encoder: ClipEncoder, folder: Path | None = None) -> Path:
         return folder
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def text_tower_for_export(model: Any) -> Any | None:
+    """The text tower as a module taking tokens (N, L) for any L up to the context length.
+
+    open_clip's ``encode_text`` adds all 77 positional embeddings and the full 77x77 causal mask,
+    so it only accepts full rows. With a causal mask and pooling at the end-of-text token
+    (argmax: it has the highest id), positions after that token cannot change the output, so
+    slicing both to L gives the same features (as ``pixfind.encoder`` does for torch queries).
+    Attention is written out with shapes read from the input: ``nn.MultiheadAttention``'s own
+    forward traces the sequence length as a constant. None for any other kind of text tower
+    (it is then exported at full length, and queries keep their padding).
+    """
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    parts = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+    if parts is None or not all(
+        hasattr(parts, a) for a in ("token_embedding", "positional_embedding", "ln_final", "transformer")
+    ):
+        return None
+    pool = getattr(parts, "text_pool_type", getattr(parts, "pool_type", None))
+    if pool != "argmax" or getattr(parts, "attn_mask", None) is None:
+        return None
+    if getattr(parts, "cls_emb", None) is not None or getattr(parts, "use_pad_mask", False):
+        return None
+    blocks = list(getattr(parts.transformer, "resblocks", []))
+    if not blocks or not getattr(parts.transformer, "batch_first", True):
+        return None
+    for b in blocks:
+        attn = getattr(b, "attn", None)
+        if not (
+            isinstance(attn, torch.nn.MultiheadAttention)
+            and attn.batch_first
+            and attn._qkv_same_embed_dim
+            and not hasattr(b, "ln_1_kv")
+            and all(hasattr(b, a) for a in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2"))
+        ):
+            return None
+
+    def attention(attn: Any, x: Any, mask: Any) -> Any:
+        batch, width, heads, head_dim = x.shape[0], attn.embed_dim, attn.num_heads, attn.head_dim
+        qkv = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        qkv = qkv.reshape(batch, -1, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = torch.matmul(q * (head_dim**-0.5), k.transpose(-2, -1)) + mask
+        out = torch.matmul(scores.softmax(dim=-1), v)
+        return attn.out_proj(out.transpose(1, 2).reshape(batch, -1, width))
+
+    class TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = parts
+
+        def forward(self, tokens: Any) -> Any:
+            p = self.parts
+            length = tokens.shape[1]
+            cast = p.transformer.get_cast_dtype()
+            x = p.token_embedding(tokens).to(cast)
+            x = x + p.positional_embedding[:length].to(cast)
+            mask = p.attn_mask[:length, :length].to(cast)
+            for block in p.transformer.resblocks:
+                x = x + block.ls_1(attention(block.attn, block.ln_1(x), mask))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            x = p.ln_final(x)
+            x = text_global_pool(x, tokens, "argmax")
+            proj = p.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+            return x
+
+    return TextTower().eval()
 
 
 def _export(module: Any, sample: Any, path: Path, name: str, axes: dict[int, str]) -> None:
