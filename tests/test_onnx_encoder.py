@@ -55,14 +55,25 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["PIXFIND_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _use_module_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest gives every test a fresh cache folder; these share one export."""
+    monkeypatch.setenv("PIXFIND_CACHE_DIR", str(cache))
+
+
 @pytest.fixture(scope="module")
-def torch_encoder(cache: Path) -> ClipEncoder:
-    return ClipEncoder(SPEC, "cpu")
+def torch_encoder(cache: Path, request: pytest.FixtureRequest) -> ClipEncoder:
+    try:  # the suite's shared ViT-S-32, when conftest provides it
+        return request.getfixturevalue("small_encoder")
+    except pytest.FixtureLookupError:
+        return ClipEncoder(SPEC, "cpu")
 
 
 @pytest.fixture(scope="module")
 def onnx(torch_encoder: ClipEncoder) -> OnnxClipEncoder:
-    encoder = load_encoder(SPEC, backend="onnx", threads=1)
+    folder = onnx_encoder.export(torch_encoder)  # what load_encoder does on a cache miss
+    assert folder == export_dir(SPEC)
+    encoder = load_encoder(SPEC, backend="onnx", threads=1)  # a hit now: no model is built
     assert isinstance(encoder, OnnxClipEncoder)
     return encoder
 
