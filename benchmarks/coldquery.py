@@ -120,19 +120,13 @@ def main() -> None:
             walls[name].append(wall)
             details[name].append(detail)
     base = statistics.median(walls["python -c pass"])
-    print(
-        f"fresh-process wall times, {args.model}, median of {args.repeats} (interpreter start {base:.3f} s)"
-    )
+    print(f"fresh-process wall times, {args.model}, median of {args.repeats} (interpreter start {base:.3f} s)")
     for name in steps:
         med = statistics.median(walls[name])
         parts = ""
         if details[name] and details[name][0]:
             keys = details[name][0].keys()
-            parts = (
-                "  ("
-                + ", ".join(f"{k} {statistics.median(d[k] for d in details[name]):.3f}" for k in keys)
-                + ")"
-            )
+            parts = "  (" + ", ".join(f"{k} {statistics.median(d[k] for d in details[name]):.3f}" for k in keys) + ")"
         print(f"  {name:32s} {med:6.3f} s  (+{med - base:.3f}){parts}")
     shutil.rmtree(tmp, ignore_errors=True)
 

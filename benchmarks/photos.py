@@ -163,9 +163,7 @@ def describe(folder: Path) -> str:
     kb = np.array([b / 1024 for *_, b in rows])
     edges = [0.3, 0.5, 1, 2, 4, 8, 12.01]
     hist, _ = np.histogram(mp, bins=edges)
-    buckets = ", ".join(
-        f"{lo:g}-{min(hi, 12):g} MP: {n}" for lo, hi, n in zip(edges, edges[1:], hist, strict=False)
-    )
+    buckets = ", ".join(f"{lo:g}-{min(hi, 12):g} MP: {n}" for lo, hi, n in zip(edges, edges[1:], hist, strict=False))
     return (
         f"{len(rows)} JPEGs in {folder}: megapixels min {mp.min():.2f} / median {np.median(mp):.2f} / "
         f"mean {mp.mean():.2f} / max {mp.max():.2f}; file size median {np.median(kb):.0f} KiB, "

@@ -555,9 +555,7 @@ def _tokenizer_config(encoder: ClipEncoder, work: Path) -> dict[str, Any] | None
         return None
     import gzip
 
-    lines = (
-        gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")[: 49152 - 256 - 2 + 1]
-    )
+    lines = gzip.decompress(Path(default_bpe()).read_bytes()).decode("utf-8").split("\n")[: 49152 - 256 - 2 + 1]
     (work / BPE_FILE).write_text("\n".join(lines), encoding="utf-8")
     from .cliptokenizer import ClipTokenizer
 
