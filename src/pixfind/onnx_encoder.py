@@ -255,7 +255,7 @@ def load_encoder(
     backend = (backend or os.environ.get("PIXFIND_BACKEND") or "auto").lower()
     if backend not in ("auto", "onnx", "torch"):
         raise ModelLoadError(f"unknown backend {backend!r}: choose auto, onnx or torch")
-    if backend == "auto" and device.startswith("cuda"):
+    if backend == "auto" and (device.startswith("cuda") or (device == "auto" and _gpu_present())):
         backend = "torch"
     if backend != "torch":
         encoder = OnnxClipEncoder.open(spec, threads=threads, int8=int8)
@@ -275,12 +275,6 @@ def load_encoder(
         configure_threads(threads)
         return ClipEncoder(spec, device)
     torch_encoder = ClipEncoder(spec, "cpu")
-    if device == "auto":
-        from .encoder import pick_device
-
-        if pick_device("auto") != "cpu":  # a GPU after all: torch there
-            configure_threads(threads)
-            return ClipEncoder(spec, device)
     failure = _previous_failure(spec)
     if failure is None:
         try:
@@ -294,6 +288,15 @@ def load_encoder(
     log.warning("ONNX export of %s unusable, using torch: %s", spec.describe(), failure)
     configure_threads(threads)
     return torch_encoder
+
+
+def _gpu_present() -> bool:
+    """CUDA usable? Only imports torch (2+ s) when an NVIDIA driver is there at all."""
+    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()):
+        return False
+    from .encoder import pick_device
+
+    return pick_device("auto") != "cpu"
 
 
 def _failure_key() -> dict[str, str]:
