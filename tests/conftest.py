@@ -24,6 +24,9 @@ from pixfind.store import Store
 os.environ.setdefault("PIXFIND_PRETRAINED", "none")
 os.environ.setdefault("PIXFIND_MODEL", "ViT-S-32")
 os.environ.setdefault("PIXFIND_THREADS", "2")
+# Most tests embed with torch: the ONNX export (the CPU default) costs seconds per fresh cache
+# folder. The ONNX path has its own tests, and the default-model CLI test runs it end to end.
+os.environ.setdefault("PIXFIND_BACKEND", "torch")
 
 SMALL_MODEL = "ViT-S-32"
 

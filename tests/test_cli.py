@@ -99,16 +99,34 @@ def _pixfind(*args: str, env: dict[str, str], timeout: float = 600) -> subproces
 
 
 def test_default_vit_b_32_end_to_end_in_a_fresh_process(make_images, tmp_path: Path) -> None:
-    """The tutorial's model, through the real entry point, with the offline switch."""
+    """The tutorial's model through the real entry point and the default (CPU) backend: the first
+    index run exports the towers to ONNX; a later search embeds its query without importing torch."""
     make_images(tmp_path / "photos", 3)
-    env = {**os.environ, "PIXFIND_PRETRAINED": "none"}
+    env = {**os.environ, "PIXFIND_PRETRAINED": "none", "PIXFIND_BACKEND": "auto"}
     env.pop("PIXFIND_MODEL", None)  # default: ViT-B-32
     indexed = _pixfind("index", str(tmp_path / "photos"), env=env)
     assert indexed.returncode == 0, indexed.stderr
     assert "3 new" in indexed.stderr
-    found = _pixfind("search", "a white dog", "--json", "--grid", str(tmp_path / "g.png"), env=env)
+    exports = list((Path(env["PIXFIND_CACHE_DIR"]) / "onnx").glob("ViT-B-32-*/meta.json"))
+    assert len(exports) == 1, indexed.stderr
+
+    probe = (
+        "import sys, json; from pixfind.cli import main; code = main(sys.argv[1:]); "
+        "heavy = [m for m in ('torch', 'open_clip') if m in sys.modules]; "
+        "print('HEAVY=' + json.dumps(heavy), file=sys.stderr); sys.exit(code)"
+    )
+    grid = tmp_path / "g.png"
+    found = subprocess.run(
+        [sys.executable, "-c", probe, "search", "a white dog", "--json", "--grid", str(grid)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert found.returncode == 0, found.stderr
     assert len(json.loads(found.stdout)) == 3
+    assert "HEAVY=[]" in found.stderr  # the cold query path never imported torch or open_clip
+    assert grid.stat().st_size > 0
     shown = _pixfind("info", "--json", env=env)
     info = json.loads(shown.stdout)
     assert (info["model"], info["dim"]) == ("ViT-B-32", 512)

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .encoder import ClipEncoder
+    from .onnx_encoder import OnnxClipEncoder
+
+    Encoder = ClipEncoder | OnnxClipEncoder
 
 
 class ImageIndex:
@@ -45,7 +48,7 @@ class ImageIndex:
         wait: bool = False,
         settings: Settings | None = None,
         create: bool = True,
-        encoder: ClipEncoder | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
         base = settings or Settings.from_env()
         spec = _spec_from_args(model, pretrained, checkpoint, base.model)
@@ -57,8 +60,16 @@ class ImageIndex:
             model=spec,
             device=device or base.device,
         )
-        self.store = Store(self.settings.uri, self.settings.token, self.settings.collection, wait=wait, create=create)
-        self._encoder: ClipEncoder | None = encoder  # a loaded model may be shared between indexes
+        self.store = Store(
+            self.settings.uri,
+            self.settings.token,
+            self.settings.collection,
+            wait=wait,
+            create=create,
+            search_ef=self.settings.search_ef,
+        )
+        self._encoder: Encoder | None = encoder  # a loaded model may be shared between indexes
+        self._query_encoder: Encoder | None = None
         self._encoder_lock = threading.Lock()
 
     # -- model ------------------------------------------------------------------------------
@@ -74,17 +85,30 @@ class ImageIndex:
         return self.settings.model or ModelSpec()
 
     @property
-    def encoder(self) -> ClipEncoder:
+    def encoder(self) -> Encoder:
+        """The full model for indexing: ONNX Runtime on CPU (exported once, checked against
+        torch), torch on CUDA or when the export is not possible (``PIXFIND_BACKEND`` overrides)."""
         with self._encoder_lock:
             if self._encoder is None:
-                from .encoder import ClipEncoder, configure_threads
+                from .onnx_encoder import load_encoder
 
-                configure_threads()
-                self._encoder = ClipEncoder(self.model_spec(), self.settings.device)
+                self._encoder = load_encoder(self.model_spec(), device=self.settings.device)
             info = self.store.info()
             if info is not None:
                 check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
             return self._encoder
+
+    def query_encoder(self) -> Encoder:
+        """What embeds queries: the loaded model if there is one, else the torch-free ONNX
+        export of the collection's model when it exists (no torch import: a cold search is
+        fast), else the full model."""
+        if self._encoder is not None:
+            return self._encoder
+        if self._query_encoder is None:
+            from .textquery import load_text_encoder
+
+            self._query_encoder = load_text_encoder(self.model_spec())
+        return self._query_encoder if self._query_encoder is not None else self.encoder
 
     # -- indexing ---------------------------------------------------------------------------
 
@@ -120,12 +144,12 @@ class ImageIndex:
     def search(self, text: str, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that match a description, best first."""
         self._require_rows()
-        return nearest(self.store, text_vector(self.encoder, text), limit, under)
+        return nearest(self.store, text_vector(self.query_encoder(), text), limit, under)
 
     def search_image(self, image: str | Path | Image.Image, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that look like ``image`` (a file or a PIL image), best first."""
         self._require_rows()
-        return nearest(self.store, image_vector(self.encoder, image), limit, under)
+        return nearest(self.store, image_vector(self.query_encoder(), image), limit, under)
 
     def similar(self, path: str, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that look like an indexed file, using its stored vector."""

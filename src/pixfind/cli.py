@@ -55,6 +55,14 @@ CheckpointOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto (CUDA if available, fp16), cpu, cuda, cuda:1. Env: PIXFIND_DEVICE.")
 ]
+EfOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ef",
+        help="Milvus server search effort (HNSW ef, default 64): higher = better recall, slower. "
+        "Env: PIXFIND_SEARCH_EF.",
+    ),
+]
 WaitOpt = Annotated[
     bool, typer.Option("--wait", help="If another pixfind is using the embedded index, wait instead of failing.")
 ]
@@ -253,6 +261,7 @@ def search(
     token: TokenOpt = None,
     collection: CollectionOpt = None,
     device: DeviceOpt = None,
+    ef: EfOpt = None,
     wait: WaitOpt = False,
 ) -> None:
     """Find indexed images by a description, an example image, or an indexed file."""
@@ -261,7 +270,7 @@ def search(
         raise PixfindError(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
-    with _open(uri, token, collection, device=device, wait=wait, create=False) as idx:
+    with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
         if query:
             hits = idx.search(query, limit=limit, under=under)
         elif image:
@@ -343,12 +352,13 @@ def serve(
     token: TokenOpt = None,
     collection: CollectionOpt = None,
     device: DeviceOpt = None,
+    ef: EfOpt = None,
     wait: WaitOpt = False,
 ) -> None:
     """A web page and JSON API for searching the index, with the model loaded once."""
     from .web import serve as run_server
 
-    index = _open(uri, token, collection, device=device, wait=wait, create=False)
+    index = _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef)
     run_server(index.settings, host=host, port=port, index=index, echo=lambda line: err.print(line, markup=False))
 
 
