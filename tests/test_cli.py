@@ -140,3 +140,39 @@ def test_offline_without_weights_says_how_to_go_on(tmp_path: Path, make_images) 
     result = _pixfind("index", str(tmp_path / "photos"), env=env, timeout=120)
     assert result.returncode == 1
     assert "PIXFIND_PRETRAINED=none" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """While `pixfind serve` holds the embedded index, a command-line search asks it instead of
+    failing on the lock (and needs neither the model nor Milvus)."""
+    import re
+    import time
+
+    uri, photos = indexed
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pixfind", "serve", "--uri", uri, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        assert server.stdout is not None
+        for line in server.stdout:
+            if re.search(r"http://127\.0\.0\.1:\d+/", line) or time.monotonic() > deadline:
+                break
+        announce = Path(uri + ".serve.json")
+        while not announce.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--json", "-k", "3")
+        assert code == 0, err
+        assert len(json.loads(out)) == 3
+        code, out, err = run(capsys, "search", "--similar", str(photos[1]), "--uri", uri, "--json", "-k", "1")
+        assert code == 0, err
+        assert json.loads(out)[0]["path"] == str(photos[1])
+        code, _, err = run(capsys, "search", "--image", str(photos[1]), "--uri", uri)
+        assert code == 75 and "being used by pid" in err  # image queries need the index itself
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert not Path(uri + ".serve.json").exists()

@@ -270,6 +270,50 @@ def search(
         raise PixfindError(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
+    hits = None if image else _search_via_server(uri, collection, query, similar, limit, under)
+    if hits is None:
+        hits = _search_here(query, image, similar, limit, under, uri, token, collection, device, ef, wait)
+    if grid:
+        from .render import write_grid
+
+        written = write_grid(hits, grid)
+        err.print(f"wrote {written} ({len(hits)} tiles)", markup=False, highlight=False)
+    _print_hits(hits, as_json)
+
+
+def _search_via_server(
+    uri: str | None, collection: str | None, query: str | None, similar: str | None, limit: int, under: str | None
+) -> list[Any] | None:
+    """Hits from a ``pixfind serve`` running on the same embedded index, or None."""
+    from .config import is_server_uri
+    from .remote import REMOTE_MAX_RESULTS, find_server
+    from .remote import search as remote_search
+    from .search import candidate_paths, check_query, resolve_under
+
+    settings = Settings.from_env(uri=uri, collection=collection)
+    if is_server_uri(settings.uri) or limit > REMOTE_MAX_RESULTS:
+        return None
+    url = find_server(settings.uri, settings.collection)
+    if url is None:
+        return None
+    if query:
+        return remote_search(url, text=check_query(query), limit=limit, under=resolve_under(under))
+    return remote_search(url, similar=candidate_paths(str(similar))[1], limit=limit, under=resolve_under(under))
+
+
+def _search_here(
+    query: str | None,
+    image: Path | None,
+    similar: str | None,
+    limit: int,
+    under: str | None,
+    uri: str | None,
+    token: str | None,
+    collection: str | None,
+    device: str | None,
+    ef: int | None,
+    wait: bool,
+) -> list[Any]:
     with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
         if query:
             hits = idx.search(query, limit=limit, under=under)
@@ -277,12 +321,7 @@ def search(
             hits = idx.search_image(image, limit=limit, under=under)
         else:
             hits = idx.similar(str(similar), limit=limit, under=under)
-    if grid:
-        from .render import write_grid
-
-        written = write_grid(hits, grid)
-        err.print(f"wrote {written} ({len(hits)} tiles)", markup=False, highlight=False)
-    _print_hits(hits, as_json)
+    return hits
 
 
 def _print_hits(hits: list[Any], as_json: bool) -> None:

@@ -666,11 +666,34 @@ def serve(
             app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3, server_header=False
         )
         server = uvicorn.Server(config)
-        with contextlib.suppress(KeyboardInterrupt):
+        _exit_cleanly_on_sigterm()
+        with contextlib.suppress(KeyboardInterrupt), _announce(index, host, bound_port):
             server.run(sockets=[sock])
     finally:
         sock.close()
         index.close()
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """uvicorn shuts down on SIGTERM, then re-raises it: make that an exit that runs ``finally``
+    blocks (closing the index, removing the announcement) instead of an abrupt kill."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _announce(index: ImageIndex, host: str, port: int) -> contextlib.AbstractContextManager[None]:
+    """On an embedded index, tell other pixfind commands where to send their searches."""
+    if index.store.is_server:
+        return contextlib.nullcontext()
+    from .remote import announced
+
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    local = f"[{local}]" if ":" in local else local
+    return announced(index.store.uri, f"http://{local}:{port}/", index.settings.collection)
 
 
 def main(argv: list[str] | None = None) -> int:
