@@ -142,12 +142,28 @@ def _normalise(features: np.ndarray) -> np.ndarray:
     return (features / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def known_models() -> list[str]:
+    """open_clip's architectures, read from its config files: importing open_clip would import
+    torch (seconds and ~700 MB) just to check a name."""
+    import importlib.util
+
+    found = importlib.util.find_spec("open_clip")
+    folders = list(found.submodule_search_locations or []) if found else []
+    names = {p.stem for folder in folders for p in (Path(folder) / "model_configs").glob("*.json")}
+    if not names:  # an unusual install: ask open_clip itself
+        import open_clip
+
+        names = set(open_clip.list_models())
+    return sorted(names)
+
+
 def check_model_name(spec: ModelSpec) -> None:
     """Refuse an architecture open_clip does not know, before any work is done."""
-    import open_clip
-
-    if spec.name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if m.lower().startswith(spec.name.lower()[:5])][:5]
+    if spec.name.startswith("hf-hub:"):
+        return  # resolved by open_clip from the hub when loaded
+    names = known_models()
+    if spec.name not in names:
+        close = [m for m in names if m.lower().startswith(spec.name.lower()[:5])][:5]
         hint = ", ".join(close) if close else "ViT-B-32, ViT-B-16, ViT-L-14"
         raise ModelLoadError(f"unknown model {spec.name!r}: choose an open_clip architecture such as {hint}")
 
