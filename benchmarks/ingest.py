@@ -12,7 +12,7 @@ measures, interleaved so a noisy shared machine hits every figure alike:
 * end to end: ``ImageIndex(uri=<fresh Lite file>).add(folder)`` with default settings, in a fresh
   process as ``pixfind index`` runs: the embed phase rate (``IndexReport.images_per_s``), the
   whole-run rate (ImageIndex opened -> add returned: scan, model load, embed, flush) and the
-  process wall time; RSS sampled every 0.1 s (start / peak / end) and ``ru_maxrss``.
+  process wall time; RSS sampled every 0.1 s (start / peak / end), VmHWM, and the Milvus Lite child's RSS.
 
 The ONNX export is made (or found) before anything is timed. Prints medians and each round.
 Random weights (``pretrained=None``): the compute is the same as with real ones.
@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,6 +49,15 @@ VIT_B_32_GFLOP = 8.73  # per 224x224 image, counted by benchmarks/models.py imag
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def hwm_mib() -> float:
+    """Peak RSS of this process (VmHWM). Not ru_maxrss: Linux carries that across fork + exec, so
+    a child spawned by a big parent would report the parent's size."""
+    for line in _read("/proc/self/status").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def children_rss_mib(pid: int | None = None) -> float:
@@ -142,7 +150,7 @@ def child(folder: str, db: str) -> None:
                 "rss_start": start_rss,
                 "rss_end": end_rss,
                 "rss_peak_sampled": max(r for _, r, _ in samples),
-                "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_VmHWM": hwm_mib(),
                 "samples": samples,
             }
         )
@@ -318,7 +326,7 @@ def main() -> None:
     for key, values in phases.items():
         print(f"  {key:58s} {statistics.median(values):6.2f}  ({fmt(values, 2)})")
     print("\ne2e memory (MiB; pixfind process, and its Milvus Lite child separately):")
-    for key in ("rss_start", "rss_peak_sampled", "rss_end", "maxrss_mib", "lite_rss_peak"):
+    for key in ("rss_start", "rss_peak_sampled", "rss_end", "peak_rss_VmHWM", "lite_rss_peak"):
         values = [e[key] for e in e2e_runs]
         print(f"  {key:18s} median {statistics.median(values):7.0f}  ({fmt(values, 0)})")
     for i, e in enumerate(e2e_runs):

@@ -19,6 +19,7 @@ Targets (issue 6): warm p50 <= 40 ms at 100k, cold <= 1.5 s.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -100,6 +101,44 @@ def cold(db: Path, text: str) -> float:
     return wall
 
 
+BREAKDOWN = """
+import json, sys, time
+t0 = time.perf_counter()
+from pixfind import ImageIndex
+t1a = time.perf_counter()
+import pixfind.cli
+t1 = time.perf_counter()
+index = ImageIndex(uri=sys.argv[1], create=False)
+t2 = time.perf_counter()
+index.query_encoder()  # ONNX text session + tokenizer
+t3 = time.perf_counter()
+index.search("warm up the collection load", limit=1)  # first search: Lite loads the collection
+t4 = time.perf_counter()
+index.search(sys.argv[2], limit=10)
+t5 = time.perf_counter()
+index.close()
+t6 = time.perf_counter()
+print(json.dumps({"import pixfind": t1a - t0, "import pixfind.cli (CLI only)": t1 - t1a,
+                  "open (Lite server start)": t2 - t1,
+                  "text encoder load (ONNX session, tokenizer)": t3 - t2,
+                  "first search (incl. collection load)": t4 - t3,
+                  "second search": t5 - t4, "close": t6 - t5}))
+"""
+
+
+def breakdown(db: Path, text: str) -> dict[str, float]:
+    """Where a fresh process's time goes (same steps as the CLI, timed from inside)."""
+    env = dict(os.environ, PYTHONPATH=SRC, PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", BREAKDOWN, str(db), text], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if out.returncode != 0:
+        sys.exit(f"breakdown failed:\n{out.stderr[-2000:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    data["spawn -> exit wall"] = wall
+    return data
+
+
 def warm(db: Path, queries: list[str], warmup: int = 3) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"search": [], "encode": [], "milvus": []}
     with ImageIndex(uri=str(db)) as index:
@@ -131,6 +170,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--rounds", type=int, default=5, help="cold runs per size = rounds")
     parser.add_argument("--queries", type=int, default=40, help="timed warm queries per size per round")
+    parser.add_argument("--breakdown", type=int, default=3, help="rounds with a timed-from-inside cold run")
     parser.add_argument("--model", default="ViT-B-32")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -156,11 +196,15 @@ def main() -> None:
 
     warm_t: dict[int, dict[str, list[float]]] = {n: {} for n in sizes}
     cold_t: dict[int, list[float]] = {n: [] for n in sizes}
+    parts: dict[int, dict[str, list[float]]] = {n: {} for n in sizes}
     loads = []
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
         for n in sizes:
             cold_t[n].append(cold(dbs[n], f"a photo of a dog on a beach {r}"))
+            if r < args.breakdown:
+                for key, value in breakdown(dbs[n], f"a red car at night {r}").items():
+                    parts[n].setdefault(key, []).append(value)
             for key, values in warm(dbs[n], texts(args.queries + 3, seed=r * 7 + n)).items():
                 warm_t[n].setdefault(key, []).extend(values)
         line = "; ".join(
@@ -187,6 +231,11 @@ def main() -> None:
             f"{pct(w['encode'], 50):7.1f} ms {pct(w['milvus'], 50):7.1f} ms {pct(w['milvus'], 95):6.1f}  "
             f"{statistics.median(cold_t[n]):13.2f} s  {', '.join(f'{x:.2f}' for x in cold_t[n])}"
         )
+    if args.breakdown:
+        print(f"\ncold process, timed from inside (median of {min(args.breakdown, args.rounds)}), seconds:")
+        print(f"  {'step':48s} " + " ".join(f"{n:>10,d}" for n in sizes))
+        for key in parts[sizes[0]]:
+            print(f"  {key:48s} " + " ".join(f"{statistics.median(parts[n][key]):10.3f}" for n in sizes))
     big = max(sizes)
     p50, cold_med = pct(warm_t[big]["search"], 50), statistics.median(cold_t[big])
     print(
