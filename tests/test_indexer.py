@@ -162,3 +162,34 @@ def test_foreign_db_file_is_refused_and_left_intact(tmp_path: Path) -> None:
     with pytest.raises(PixfindError, match="not a Milvus Lite index"):
         Store(str(foreign))
     assert foreign.read_bytes() == b"my precious data" * 100
+
+
+def test_serving_index_on_lite_is_switched_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pixfind serve` on a large Lite file searches an IVF index, and leaves the exact one behind."""
+    import numpy as np
+
+    from pixfind import store as store_module
+    from pixfind.pathkeys import key_of
+    from pixfind.store import Row, Store
+
+    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1000)
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 64))
+    vectors = centres[rng.integers(0, 20, 2000)] + 0.3 * rng.normal(size=(2000, 64))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    uri = str(tmp_path / "big.db")
+    with Store(uri) as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+        store.write([Row(key_of(f"/p/{i:05d}.jpg"), v, 1, 1, 1, 1, f"{i:032x}") for i, v in enumerate(vectors)])
+        assert store.index_for_serving()
+        assert store.index_type() == "IVF_FLAT"
+        for i in range(0, 2000, 100):
+            assert store.search([vectors[i]], limit=1)[0][0].path == f"/p/{i:05d}.jpg"
+        store.restore_index()
+        assert store.index_type() == "FLAT"
+        assert store.count() == 2000
+    with Store(uri) as reopened:
+        assert reopened.index_type() == "FLAT"
+        monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 5000)
+        assert not reopened.index_for_serving()  # small collections stay exact
+        assert reopened.index_type() == "FLAT"

@@ -635,7 +635,11 @@ def serve(
     except BaseException:
         sock.close()
         raise
+    tuned = False
     try:
+        tuned = index.store.index_for_serving()
+        if tuned:
+            say("pixfind: large embedded index: approximate (IVF) search while serving, exact again on exit")
         with contextlib.suppress(Exception):
             index.search("a photo", limit=1)  # warm up: the first real query is then fast
         count, where = None, settings.uri
@@ -671,6 +675,9 @@ def serve(
             server.run(sockets=[sock])
     finally:
         sock.close()
+        if tuned:
+            with contextlib.suppress(Exception):
+                index.store.restore_index()
         index.close()
 
 
