@@ -664,7 +664,8 @@ class Store:
 
     def _replace_lite_index(self, config: dict[str, Any]) -> None:
         self._call(self.client.release_collection, self.collection)
-        self._call(self.client.drop_index, self.collection, VECTOR)
+        with contextlib.suppress(StoreError):  # none left by an earlier, interrupted switch
+            self._call(self.client.drop_index, self.collection, VECTOR)
         index = self.client.prepare_index_params()
         index.add_index(VECTOR, **config)
         self._call(self.client.create_index, self.collection, index)

@@ -637,7 +637,11 @@ def serve(
         raise
     tuned = False
     try:
-        tuned = index.store.index_for_serving()
+        try:
+            tuned = index.store.index_for_serving()
+        except PixfindError:  # keep serving with the exact index
+            with contextlib.suppress(PixfindError):
+                index.store.restore_index()
         if tuned:
             say("pixfind: large embedded index: approximate (IVF) search while serving, exact again on exit")
         with contextlib.suppress(Exception):
