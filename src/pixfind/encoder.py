@@ -63,9 +63,7 @@ class ClipEncoder:
 
     @property
     def draft_side(self) -> int:
-        """Shortest side to decode images at. 1.5x the model's input keeps the embedding at cosine
-        ≥ 0.998 to full decoding on real photos (docs/speed.md) and decodes 1.3x faster than 2x."""
-        return 3 * self.image_size // 2
+        return draft_side_for(self.image_size)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """The model's own transform (resize, crop, normalise) as a float32 CHW array."""
@@ -79,7 +77,7 @@ class ClipEncoder:
             batch = batch.half()
         with torch.inference_mode():
             features = self.model.encode_image(batch)
-        return _normalise(features.float().cpu().numpy())
+        return normalise_rows(features.float().cpu().numpy())
 
     def tokenize(self, texts: list[str]) -> Any:
         return self._tokenizer(texts)
@@ -98,7 +96,7 @@ class ClipEncoder:
                 features = encode_text_trimmed(self.model, trim_padding(tokens))
             else:
                 features = self.model.encode_text(tokens)
-        return _normalise(features.float().cpu().numpy())
+        return normalise_rows(features.float().cpu().numpy())
 
 
 def can_trim_text(model: Any) -> bool:
@@ -137,9 +135,17 @@ def trim_padding(tokens: Any) -> Any:
     return tokens[:, : int(used[-1]) + 1]
 
 
-def _normalise(features: np.ndarray) -> np.ndarray:
+def normalise_rows(features: np.ndarray) -> np.ndarray:
+    """Unit-length float32 rows: every vector pixfind stores or queries with."""
+    features = features.astype(np.float32, copy=False)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def draft_side_for(image_size: int) -> int:
+    """Shortest side to decode images at. 1.5x the model's input keeps the embedding at cosine
+    ≥ 0.998 to full decoding on real photos (docs/speed.md) and decodes 1.3x faster than 2x."""
+    return 3 * image_size // 2
 
 
 def known_models() -> list[str]:

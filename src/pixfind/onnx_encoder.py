@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import ModelSpec, cache_dir
+from .encoder import draft_side_for, normalise_rows  # numpy only: no torch import
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -144,9 +145,7 @@ class OnnxClipEncoder:
 
     @property
     def draft_side(self) -> int:
-        """Shortest side to decode images at. 1.5x the model's input keeps the embedding at cosine
-        ≥ 0.998 to full decoding on real photos (docs/speed.md) and decodes 1.3x faster than 2x."""
-        return 3 * self.image_size // 2
+        return draft_side_for(self.image_size)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -201,7 +200,7 @@ class OnnxClipEncoder:
         """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
         batch = np.ascontiguousarray(pixels, dtype=np.float32)
         (features,) = self.session("visual").run(None, {"pixels": batch})
-        return _normalise(features)
+        return normalise_rows(features)
 
     # -- text -------------------------------------------------------------------------------
 
@@ -232,13 +231,7 @@ class OnnxClipEncoder:
         if self.meta.get("text_trim"):
             tokens = trim_padding(tokens)
         (features,) = self.session("text").run(None, {"tokens": tokens.astype(np.int64)})
-        return _normalise(features)
-
-
-def _normalise(features: np.ndarray) -> np.ndarray:
-    features = features.astype(np.float32, copy=False)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / np.maximum(norms, 1e-12)).astype(np.float32)
+        return normalise_rows(features)
 
 
 # -- choosing a backend ----------------------------------------------------------------------
@@ -605,7 +598,7 @@ def check_parity(encoder: ClipEncoder, candidate: OnnxClipEncoder) -> dict[str, 
 
     with torch.inference_mode():  # reference: full 77 positions, open_clip's own encode_text
         full = encoder.model.encode_text(encoder.tokenize(PARITY_TEXTS)).float().numpy()
-    full = _normalise(full)
+    full = normalise_rows(full)
     text_diff = 0.0
     for texts, ref in ((PARITY_TEXTS, full), (PARITY_TEXTS[:1], full[:1]), (PARITY_TEXTS[:3], full[:3])):
         text_diff = max(text_diff, float(np.abs(candidate.encode_texts(texts) - ref).max()))
