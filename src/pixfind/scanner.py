@@ -55,12 +55,12 @@ def scan(root: str) -> Iterator[FileEntry | ScanProblem]:
         folder = stack.pop()
         try:
             with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda e: e.name, reverse=True)
+                entries = sorted(listing, key=lambda e: e.name)
         except OSError as exc:
             yield ScanProblem(folder, f"cannot list folder: {exc.strerror}")
             continue
         subfolders = []
-        for entry in reversed(entries):
+        for entry in entries:
             if entry.name.startswith("."):
                 continue
             found = _classify(entry, seen)
@@ -68,7 +68,7 @@ def scan(root: str) -> Iterator[FileEntry | ScanProblem]:
                 subfolders.append(found)
             elif found is not None:
                 yield found
-        stack.extend(reversed(subfolders))
+        stack.extend(reversed(subfolders))  # popped in name order
 
 
 def _classify(entry: os.DirEntry[str], seen: set[tuple[int, int]]) -> FileEntry | ScanProblem | str | None:
