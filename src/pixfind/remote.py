@@ -60,11 +60,11 @@ def find_server(db_uri: str, collection: str) -> str | None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError also means: it exists (another user's process)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
