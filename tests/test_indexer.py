@@ -193,3 +193,96 @@ def test_serving_index_on_lite_is_switched_and_restored(tmp_path: Path, monkeypa
         monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 5000)
         assert not reopened.index_for_serving()  # small collections stay exact
         assert reopened.index_type() == "FLAT"
+
+
+def test_optimize_for_queries_switches_lite_to_ivf_until_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python API's opt-in for long-lived processes: IVF while open, exact index on file after."""
+    import numpy as np
+
+    from pixfind import ImageIndex
+    from pixfind import store as store_module
+    from pixfind.pathkeys import key_of
+    from pixfind.store import Row, Store
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, 64))
+    vectors = centres[rng.integers(0, 20, 1500)] + 0.3 * rng.normal(size=(1500, 64))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    uri = str(tmp_path / "big.db")
+    with Store(uri) as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+        store.write([Row(key_of(f"/p/{i:05d}.jpg"), v, 1, 1, 1, 1, f"{i:032x}") for i, v in enumerate(vectors)])
+    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 2000)
+    with ImageIndex(uri=uri, create=False) as index:
+        assert not index.optimize_for_queries()  # under the threshold: stays exact
+        assert index.store.index_type() == "FLAT"
+    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1000)
+    index = ImageIndex(uri=uri, create=False)
+    try:
+        exact = [h.path for h in index.similar("/p/00007.jpg", limit=5)]
+        assert index.optimize_for_queries() and index.optimize_for_queries()  # once, then a no-op
+        assert index.store.index_type() == "IVF_FLAT"
+        approximate = [h.path for h in index.similar("/p/00007.jpg", limit=5)]
+        assert approximate[0] == exact[0] == "/p/00007.jpg"
+        assert len(set(approximate) & set(exact)) >= 4
+    finally:
+        index.close()
+    with Store(uri, create=False) as reopened:
+        assert reopened.index_type() == "FLAT"
+        assert reopened.count() == 1500
+
+
+class _SlowEncoder:
+    """Stands in for a model: records whether a decode ever ran while it was embedding."""
+
+    def __init__(self, fills_cpu: bool) -> None:
+        self.spec, self.dim, self.draft_side, self.fills_cpu = ModelSpec(SMALL_MODEL, None), 4, 336, fills_cpu
+        self.busy = False
+        self.decodes_during_inference = 0
+
+    def preprocess(self, image: object) -> object:
+        import numpy as np
+
+        return np.zeros((3, 8, 8), dtype=np.float32)
+
+    def encode_images(self, pixels: object) -> object:
+        import time
+
+        import numpy as np
+
+        self.busy = True
+        time.sleep(0.03)
+        self.busy = False
+        return np.ones((len(pixels), 4), dtype=np.float32) / 2  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fills_cpu", [True, False])
+def test_decoding_waits_for_a_model_that_fills_the_cpu(
+    fills_cpu: bool, make_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU the model uses every core: decoding beside it would stall its threads, so decode
+    threads run between batches; beside a GPU (or spare cores) they overlap inference."""
+    import time
+
+    from pixfind import indexer
+    from pixfind.store import Store
+
+    folder = tmp_path / "photos"
+    make_images(folder, 24)
+    encoder = _SlowEncoder(fills_cpu)
+    real_load = indexer.load_image
+
+    def load(path: str, min_side: int | None = None) -> object:
+        if encoder.busy:
+            encoder.decodes_during_inference += 1
+        time.sleep(0.005)
+        return real_load(path, min_side=min_side)
+
+    monkeypatch.setattr(indexer, "load_image", load)
+    with Store(str(tmp_path / "i.db")) as store:
+        report = indexer.Indexer(store, lambda: encoder, batch_size=4, workers=2).run([str(folder)])
+        assert report.new == 24 and store.count() == 24
+    if fills_cpu:
+        assert encoder.decodes_during_inference == 0
+    else:
+        assert encoder.decodes_during_inference > 0

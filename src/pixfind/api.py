@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +73,8 @@ class ImageIndex:
         self._encoder: Encoder | None = encoder  # a loaded model may be shared between indexes
         self._query_encoder: Encoder | None = None
         self._encoder_lock = threading.Lock()
+        self._has_rows = False
+        self._optimized = False  # Lite searched through IVF, see optimize_for_queries()
 
     # -- model ------------------------------------------------------------------------------
 
@@ -110,6 +114,28 @@ class ImageIndex:
             self._query_encoder = load_text_encoder(self.model_spec())
         return self._query_encoder if self._query_encoder is not None else self.encoder
 
+    def _query_encoder_soon(self) -> Callable[[], Encoder]:
+        """:meth:`query_encoder`, with the torch-free ONNX export loading in a thread while the
+        caller's first Milvus call waits for the collection to load: a cold search then pays
+        for the slower of the two, not both. (Only that load: building a torch model seeds
+        torch's global random generator, which must not happen behind the caller's back.)"""
+        if self._encoder is not None or self._query_encoder is not None:
+            return self.query_encoder
+        from .textquery import load_text_encoder
+
+        spec = self.model_spec()  # a model mismatch fails here, in the caller's thread
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixfind-query-encoder")
+        loading = pool.submit(load_text_encoder, spec)
+        pool.shutdown(wait=False)
+
+        def ready() -> Encoder:
+            loaded = loading.result()
+            if loaded is not None and self._query_encoder is None and self._encoder is None:
+                self._query_encoder = loaded
+            return self.query_encoder()
+
+        return ready
+
     # -- indexing ---------------------------------------------------------------------------
 
     def add(
@@ -143,13 +169,15 @@ class ImageIndex:
 
     def search(self, text: str, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that match a description, best first."""
+        encoder = self._query_encoder_soon()
         self._require_rows()
-        return nearest(self.store, text_vector(self.query_encoder(), text), limit, under)
+        return nearest(self.store, text_vector(encoder(), text), limit, under)
 
     def search_image(self, image: str | Path | Image.Image, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that look like ``image`` (a file or a PIL image), best first."""
+        encoder = self._query_encoder_soon()
         self._require_rows()
-        return nearest(self.store, image_vector(self.query_encoder(), image), limit, under)
+        return nearest(self.store, image_vector(encoder(), image), limit, under)
 
     def similar(self, path: str, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that look like an indexed file, using its stored vector."""
@@ -178,14 +206,38 @@ class ImageIndex:
 
     def drop(self) -> None:
         self.store.drop()
+        self._has_rows = False
 
     def _require_rows(self) -> None:
+        """Refuse to search an empty index; counted until rows are seen (a count costs a query)."""
+        if self._has_rows:
+            return
         if self.store.info() is None or self.store.count() == 0:
             raise PixfindError(f"the index at {self.store.uri} is empty: run `pixfind index FOLDER` first")
+        self._has_rows = True
+
+    def optimize_for_queries(self) -> bool:
+        """For a long-lived process that answers many queries from a Milvus Lite file of 50,000+
+        images: search an approximate IVF index until :meth:`close`, which puts the exact index
+        back on file. At 100k images a search then takes ~2 ms instead of ~35 ms, at recall@10
+        ~0.99 (``benchmarks/search_latency.py``); switching takes a few seconds each way. Returns
+        True when switched; False (exact search kept) on a Milvus server, which has its own ANN
+        index, for a smaller collection, or when the switch fails."""
+        if not self._optimized:
+            try:
+                self._optimized = self.store.index_for_serving()
+            except PixfindError:
+                with contextlib.suppress(PixfindError):
+                    self.store.restore_index()
+        return self._optimized
 
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self._optimized:
+            self._optimized = False
+            with contextlib.suppress(PixfindError):
+                self.store.restore_index()
         self.store.close()
 
     def __enter__(self) -> ImageIndex:

@@ -635,14 +635,8 @@ def serve(
     except BaseException:
         sock.close()
         raise
-    tuned = False
     try:
-        try:
-            tuned = index.store.index_for_serving()
-        except PixfindError:  # keep serving with the exact index
-            with contextlib.suppress(PixfindError):
-                index.store.restore_index()
-        if tuned:
+        if index.optimize_for_queries():  # undone by index.close()
             say("pixfind: large embedded index: approximate (IVF) search while serving, exact again on exit")
         with contextlib.suppress(Exception):
             index.search("a photo", limit=1)  # warm up: the first real query is then fast
@@ -679,9 +673,6 @@ def serve(
             server.run(sockets=[sock])
     finally:
         sock.close()
-        if tuned:
-            with contextlib.suppress(Exception):
-                index.store.restore_index()
         index.close()
 
 
