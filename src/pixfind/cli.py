@@ -6,6 +6,7 @@ non-zero exit code; nothing here prints a traceback unless ``PIXFIND_DEBUG=1``.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -271,8 +272,20 @@ def search(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
     hits = None if image else _search_via_server(uri, collection, query, similar, limit, under)
-    if hits is None:
-        hits = _search_here(query, image, similar, limit, under, uri, token, collection, device, ef, wait)
+    if hits is not None:
+        _show_hits(hits, as_json, grid)
+        return
+    with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
+        if query:
+            hits = idx.search(query, limit=limit, under=under)
+        elif image:
+            hits = idx.search_image(image, limit=limit, under=under)
+        else:
+            hits = idx.similar(str(similar), limit=limit, under=under)
+        _show_hits(hits, as_json, grid)  # before closing: Milvus Lite takes ~0.2 s to shut down
+
+
+def _show_hits(hits: list[Any], as_json: bool, grid: Path | None) -> None:
     if grid:
         from .render import write_grid
 
@@ -299,29 +312,6 @@ def _search_via_server(
     if query:
         return remote_search(url, text=check_query(query), limit=limit, under=resolve_under(under))
     return remote_search(url, similar=candidate_paths(str(similar))[1], limit=limit, under=resolve_under(under))
-
-
-def _search_here(
-    query: str | None,
-    image: Path | None,
-    similar: str | None,
-    limit: int,
-    under: str | None,
-    uri: str | None,
-    token: str | None,
-    collection: str | None,
-    device: str | None,
-    ef: int | None,
-    wait: bool,
-) -> list[Any]:
-    with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
-        if query:
-            hits = idx.search(query, limit=limit, under=under)
-        elif image:
-            hits = idx.search_image(image, limit=limit, under=under)
-        else:
-            hits = idx.similar(str(similar), limit=limit, under=under)
-    return hits
 
 
 def _print_hits(hits: list[Any], as_json: bool) -> None:
@@ -428,10 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    # The process ends here: spare it the final garbage collection over everything pymilvus and
+    # ONNX Runtime allocated (~75 ms of a ~1.4 s cold search); atexit handlers still run.
+    gc.freeze()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()
