@@ -71,6 +71,19 @@ def default_search_ef() -> int:
     return DEFAULT_SEARCH_EF if value is None else search_ef_from(value, ENV_SEARCH_EF)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's share), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def inference_threads() -> int:
+    """Threads for the model: ``$PIXFIND_THREADS``, else one per core."""
+    return int(os.environ.get("PIXFIND_THREADS", "0")) or cpu_cores()
+
+
 def _env(name: str) -> str | None:
     value = os.environ.get(name)
     return value if value else None

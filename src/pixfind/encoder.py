@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ModelSpec, cache_dir
+from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def configure_threads(threads: int | None = None) -> int:
     """Give torch's intra-op pool all cores unless told otherwise; returns the count used."""
     import torch
 
-    count = threads or int(os.environ.get("PIXFIND_THREADS", "0")) or (os.cpu_count() or 1)
+    count = threads or inference_threads()
     torch.set_num_threads(count)
     return count
 
@@ -64,6 +64,11 @@ class ClipEncoder:
     @property
     def draft_side(self) -> int:
         return draft_side_for(self.image_size)
+
+    @property
+    def fills_cpu(self) -> bool:
+        """Inference keeps every core busy (on the CPU, a torch thread per core)."""
+        return self.device == "cpu" and self._torch.get_num_threads() >= cpu_cores()
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """The model's own transform (resize, crop, normalise) as a float32 CHW array."""

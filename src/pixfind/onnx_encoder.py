@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ModelSpec, cache_dir
+from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
 from .encoder import draft_side_for, normalise_rows  # numpy only: no torch import
 from .errors import ModelLoadError
 
@@ -91,7 +91,7 @@ def export_dir(spec: ModelSpec) -> Path:
 
 
 def default_threads() -> int:
-    return int(os.environ.get("PIXFIND_THREADS", "0")) or (os.cpu_count() or 1)
+    return inference_threads()
 
 
 class OnnxClipEncoder:
@@ -127,6 +127,9 @@ class OnnxClipEncoder:
         self.spinning = spinning
         self._sessions: dict[str, Any] = {}
         self._tokenizer: Any = None
+        #: Inference keeps every core busy: decoding beside it only slows both (the indexer then
+        #: decodes between batches instead).
+        self.fills_cpu = self.threads >= cpu_cores()
         pre = meta["preprocess"]
         self._mean = np.array(pre["mean"], dtype=np.float32).reshape(3, 1, 1)
         self._std = np.array(pre["std"], dtype=np.float32).reshape(3, 1, 1)
