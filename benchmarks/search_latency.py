@@ -108,32 +108,47 @@ def run_backend(name: str, uri: str, token: str | None, args: argparse.Namespace
         queries = gen.queries(args.queries)
         exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
         index_of = {k: i for i, k in enumerate(keys)}
-        for ef in args.ef if store.is_server else args.ef[:1]:
-            store.search_ef = ef
-            for q in queries[:10]:
-                store.search([q], 10)  # warm up
-            latencies, hits = [], 0
-            for q, truth in zip(queries, exact, strict=True):
+
+        def measure(label: str, efs: list[int]) -> None:
+            for ef in efs:
+                store.search_ef = ef
+                for q in queries[:10]:
+                    store.search([q], 10)  # warm up
+                latencies, hits = [], 0
+                for q, truth in zip(queries, exact, strict=True):
+                    began = time.perf_counter()
+                    result = store.search([q], 10)[0]
+                    latencies.append(time.perf_counter() - began)
+                    found = {index_of.get(h.path, -1) for h in result}
+                    hits += len(found & set(truth.tolist()))
                 began = time.perf_counter()
-                result = store.search([q], 10)[0]
-                latencies.append(time.perf_counter() - began)
-                found = {index_of.get(h.path, -1) for h in result}
-                hits += len(found & set(truth.tolist()))
+                for start in range(0, len(queries), args.batch):
+                    store.search(list(queries[start : start + args.batch]), 10)
+                qps = len(queries) / (time.perf_counter() - began)
+                p50, p95 = np.percentile(np.array(latencies) * 1000, [50, 95])
+                extra = label
+                if store.index_type() != "FLAT":
+                    extra += f" {store.index_type()} ef={ef}"
+                if store.is_server:
+                    extra += f" flush {flush_s:.1f} s, index built {build_s:.1f} s{'' if indexed else ' (NOT DONE)'};"
+                lines.append(
+                    f"{name:6} n={args.n:,}:{extra} insert {args.n / insert_s:,.0f} rows/s; "
+                    f"search p50 {p50:.1f} ms, p95 {p95:.1f} ms; batch({args.batch}) {qps:,.0f} q/s; "
+                    f"recall@10 {hits / (10 * len(queries)):.3f}"
+                )
+                print(lines[-1], flush=True)
+
+        if store.is_server:
+            measure("", args.ef)
+        else:
+            measure(" exact (FLAT);", args.ef[:1])
             began = time.perf_counter()
-            for start in range(0, len(queries), args.batch):
-                store.search(list(queries[start : start + args.batch]), 10)
-            qps = len(queries) / (time.perf_counter() - began)
-            p50, p95 = np.percentile(np.array(latencies) * 1000, [50, 95])
-            extra = " exact (FLAT);"
-            if store.is_server:
-                extra = f" {store.index_type()} ef={ef}"
-                extra += f" flush {flush_s:.1f} s, index built {build_s:.1f} s{'' if indexed else ' (NOT DONE)'};"
-            lines.append(
-                f"{name:6} n={args.n:,}:{extra} insert {args.n / insert_s:,.0f} rows/s; "
-                f"search p50 {p50:.1f} ms, p95 {p95:.1f} ms; batch({args.batch}) {qps:,.0f} q/s; "
-                f"recall@10 {hits / (10 * len(queries)):.3f}"
-            )
-            print(lines[-1], flush=True)
+            if store.index_for_serving():  # what `pixfind serve` / optimize_for_queries() do
+                switch_s = time.perf_counter() - began
+                measure(f" while serving (switch {switch_s:.1f} s)", args.ef)
+                began = time.perf_counter()
+                store.restore_index()
+                print(f"{name:6} restored FLAT in {time.perf_counter() - began:.1f} s", flush=True)
         started = time.perf_counter()
         streamed = sum(len(page) for page in store.iter_keys())
         iter_s = time.perf_counter() - started
