@@ -383,12 +383,27 @@ def serve(
     device: DeviceOpt = None,
     ef: EfOpt = None,
     wait: WaitOpt = False,
+    exact: Annotated[
+        bool,
+        typer.Option(
+            "--exact",
+            help="Keep exact search on an embedded index of 50,000+ images (else IVF while serving: "
+            "~3x faster, recall@10 ~0.97).",
+        ),
+    ] = False,
 ) -> None:
     """A web page and JSON API for searching the index, with the model loaded once."""
     from .web import serve as run_server
 
     index = _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef)
-    run_server(index.settings, host=host, port=port, index=index, echo=lambda line: err.print(line, markup=False))
+    run_server(
+        index.settings,
+        host=host,
+        port=port,
+        index=index,
+        echo=lambda line: err.print(line, markup=False),
+        exact=exact,
+    )
 
 
 # -- entry point -----------------------------------------------------------------------------

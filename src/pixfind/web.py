@@ -615,8 +615,10 @@ def serve(
     limits: Limits | None = None,
     log_level: str = "warning",
     echo: Callable[[str], None] | None = None,
+    exact: bool = False,
 ) -> None:
-    """Run the web app until Ctrl+C. ``pixfind serve`` calls this.
+    """Run the web app until Ctrl+C. ``pixfind serve`` calls this. ``exact``: keep exact search
+    on a large embedded index instead of :meth:`ImageIndex.optimize_for_queries`.
 
     ``settings``: where the index is (``Settings.from_env()`` when None). ``port`` 0 picks a free
     one. ``thumb_dir``: thumbnail cache (default: ``<cache dir>/thumbs``). ``index``: an index
@@ -636,8 +638,11 @@ def serve(
         sock.close()
         raise
     try:
-        if index.optimize_for_queries():  # undone by index.close()
-            say("pixfind: large embedded index: approximate (IVF) search while serving, exact again on exit")
+        if not exact and index.optimize_for_queries():  # undone by index.close()
+            say(
+                "pixfind: large embedded index: approximate (IVF) search while serving, exact again on exit "
+                "(--exact keeps it exact)"
+            )
         with contextlib.suppress(Exception):
             index.search("a photo", limit=1)  # warm up: the first real query is then fast
         count, where = None, settings.uri
