@@ -106,7 +106,9 @@ def cold(db: Path, text: str) -> tuple[float, float]:
     assert proc.stdout is not None
     first = proc.stdout.readline()
     shown = time.perf_counter() - start
-    rest, errors = proc.communicate()
+    rest = proc.stdout.read()  # not communicate(): it would skip what readline() buffered
+    errors = proc.stderr.read() if proc.stderr else ""
+    proc.wait()
     wall = time.perf_counter() - start
     if proc.returncode != 0 or "/home/user/Pictures/" not in first + rest:
         sys.exit(f"cold search failed (rc {proc.returncode}):\n{(first + rest)[-1500:]}\n{errors[-1500:]}")
