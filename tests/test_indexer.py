@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import SMALL_MODEL, draw_photo
 
@@ -164,23 +166,30 @@ def test_foreign_db_file_is_refused_and_left_intact(tmp_path: Path) -> None:
     assert foreign.read_bytes() == b"my precious data" * 100
 
 
-def test_serving_index_on_lite_is_switched_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`pixfind serve` on a large Lite file searches an IVF index, and leaves the exact one behind."""
-    import numpy as np
-
-    from pixfind import store as store_module
+def clustered_lite_index(uri: str, rows: int, seed: int) -> np.ndarray:
+    """A Lite collection of ``rows`` clustered unit vectors at /p/NNNNN.jpg; returns the vectors."""
     from pixfind.pathkeys import key_of
     from pixfind.store import Row, Store
 
-    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1000)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     centres = rng.normal(size=(20, 64))
-    vectors = centres[rng.integers(0, 20, 2000)] + 0.3 * rng.normal(size=(2000, 64))
+    vectors = centres[rng.integers(0, 20, rows)] + 0.3 * rng.normal(size=(rows, 64))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    uri = str(tmp_path / "big.db")
     with Store(uri) as store:
         store.ensure(ModelSpec(SMALL_MODEL, None), 64)
         store.write([Row(key_of(f"/p/{i:05d}.jpg"), v, 1, 1, 1, 1, f"{i:032x}") for i, v in enumerate(vectors)])
+    return vectors
+
+
+def test_serving_index_on_lite_is_switched_and_restored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pixfind serve` on a large Lite file searches an IVF index, and leaves the exact one behind."""
+    from pixfind import store as store_module
+    from pixfind.store import Store
+
+    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1000)
+    uri = str(tmp_path / "big.db")
+    vectors = clustered_lite_index(uri, 2000, seed=3)
+    with Store(uri) as store:
         assert store.index_for_serving()
         assert store.index_type() == "IVF_FLAT"
         for i in range(0, 2000, 100):
@@ -197,21 +206,12 @@ def test_serving_index_on_lite_is_switched_and_restored(tmp_path: Path, monkeypa
 
 def test_optimize_for_queries_switches_lite_to_ivf_until_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Python API's opt-in for long-lived processes: IVF while open, exact index on file after."""
-    import numpy as np
-
     from pixfind import ImageIndex
     from pixfind import store as store_module
-    from pixfind.pathkeys import key_of
-    from pixfind.store import Row, Store
+    from pixfind.store import Store
 
-    rng = np.random.default_rng(5)
-    centres = rng.normal(size=(20, 64))
-    vectors = centres[rng.integers(0, 20, 1500)] + 0.3 * rng.normal(size=(1500, 64))
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     uri = str(tmp_path / "big.db")
-    with Store(uri) as store:
-        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
-        store.write([Row(key_of(f"/p/{i:05d}.jpg"), v, 1, 1, 1, 1, f"{i:032x}") for i, v in enumerate(vectors)])
+    clustered_lite_index(uri, 1500, seed=5)
     monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 2000)
     with ImageIndex(uri=uri, create=False) as index:
         assert not index.optimize_for_queries()  # under the threshold: stays exact
@@ -240,20 +240,14 @@ class _SlowEncoder:
         self.busy = False
         self.decodes_during_inference = 0
 
-    def preprocess(self, image: object) -> object:
-        import numpy as np
-
+    def preprocess(self, image: object) -> np.ndarray:
         return np.zeros((3, 8, 8), dtype=np.float32)
 
-    def encode_images(self, pixels: object) -> object:
-        import time
-
-        import numpy as np
-
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         self.busy = True
         time.sleep(0.03)
         self.busy = False
-        return np.ones((len(pixels), 4), dtype=np.float32) / 2  # type: ignore[arg-type]
+        return np.ones((len(pixels), 4), dtype=np.float32) / 2
 
 
 @pytest.mark.parametrize("fills_cpu", [True, False])
@@ -262,8 +256,6 @@ def test_decoding_waits_for_a_model_that_fills_the_cpu(
 ) -> None:
     """On a CPU the model uses every core: decoding beside it would stall its threads, so decode
     threads run between batches; beside a GPU (or spare cores) they overlap inference."""
-    import time
-
     from pixfind import indexer
     from pixfind.store import Store
 
