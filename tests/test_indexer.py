@@ -166,6 +166,33 @@ def test_foreign_db_file_is_refused_and_left_intact(tmp_path: Path) -> None:
     assert foreign.read_bytes() == b"my precious data" * 100
 
 
+def test_a_lite_file_another_program_holds_is_refused(tmp_path: Path) -> None:
+    """Milvus Lite locks ``.NAME.lock`` beside the file; when another program holds it, pixfind
+    says so, and does not try a second start (a failed start deletes that lock file)."""
+    import subprocess
+    import sys
+
+    from pixfind.store import Store
+
+    uri = str(tmp_path / "held.db")
+    with Store(uri) as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".held.db.lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"1"
+        with pytest.raises(PixfindError, match="a program other than pixfind has it open"):
+            Store(uri)
+    finally:
+        holder.kill()
+        holder.wait()
+    with Store(uri) as store:  # usable again once the other program is gone
+        assert store.count() == 0
+
+
 def clustered_lite_index(uri: str, rows: int, seed: int) -> np.ndarray:
     """A Lite collection of ``rows`` clustered unit vectors at /p/NNNNN.jpg; returns the vectors."""
     from pixfind.pathkeys import key_of

@@ -279,13 +279,17 @@ class Store:
         if not os.access(db.parent, os.W_OK):
             raise StoreError(f"index folder {db.parent} is not writable: pass --uri with a writable path")
 
-    def _connect(self) -> Any:
+    def _connect(self, lite_engine: _LiteEngineStart | None = None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from pymilvus import MilvusClient
         for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
             logging.getLogger(name).setLevel(logging.CRITICAL)  # its errors become one StoreError line
 
+        if lite_engine is not None and lite_engine.result() is False:
+            # no second try: a failed start deletes the engine's lock file (milvus_lite's
+            # Server.stop), so a retry would open a file another program holds
+            raise self._lite_open_error()
         if self.is_server:
             self._check_reachable()
         kwargs: dict[str, Any] = {"uri": self.uri}
@@ -301,20 +305,23 @@ class Store:
             raise self._connection_error(exc) from exc
 
     def _connect_lite(self) -> Any:
-        starting = _start_lite_engine(self.uri)
+        starting = _LiteEngineStart(self.uri)
         try:
-            return self._connect()
+            return self._connect(starting)
         except StoreError as exc:
             if "Open local milvus failed" not in str(exc):
                 raise
-            if _nearly_full(Path(self.uri).parent):
-                raise StoreError(f"no space left for index {self.uri}: free some disk space and run again") from exc
-            raise StoreError(
-                f"Milvus Lite could not open {self.uri}: the file is damaged, or a program other than "
-                "pixfind has it open; move it away or pass --uri with another path"
-            ) from exc
+            raise self._lite_open_error() from exc
         finally:
-            starting.join()
+            starting.result()
+
+    def _lite_open_error(self) -> StoreError:
+        if _nearly_full(Path(self.uri).parent):
+            return StoreError(f"no space left for index {self.uri}: free some disk space and run again")
+        return StoreError(
+            f"Milvus Lite could not open {self.uri}: the file is damaged, or a program other than "
+            "pixfind has it open; move it away or pass --uri with another path"
+        )
 
     def _check_reachable(self) -> None:
         """Fail in seconds, not after gRPC's retries, when nothing listens at the URI."""
@@ -749,22 +756,28 @@ def _hit(item: dict[str, Any]) -> SearchHit:
     )
 
 
-def _start_lite_engine(db: str) -> threading.Thread:
-    """Start the Milvus Lite engine of ``db`` in a thread, so that its start-up overlaps the
+class _LiteEngineStart:
+    """Starts the Milvus Lite engine of ``db`` in a thread, so that its start-up overlaps the
     pymilvus import (~0.3 s of a cold search). Starting ends in a fixed 0.5 s wait
     (``milvus_lite.server.Server.start``); ``MilvusClient(db)`` then finds the engine already
-    running, as milvus_lite keeps one per path. A failed start is left for ``MilvusClient`` to
-    retry and report."""
+    running, as milvus_lite keeps one per path."""
 
-    def start() -> None:
+    def __init__(self, db: str) -> None:
+        self._db = db
+        self._started: bool | None = None  # None: could not tell (left to MilvusClient)
+        self._thread = threading.Thread(target=self._start, name="pixfind-lite-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
         with contextlib.suppress(Exception), _sigint_kept_from_child(True):
             from milvus_lite.server_manager import server_manager_instance
 
-            server_manager_instance.start_and_get_uri(db)
+            self._started = server_manager_instance.start_and_get_uri(self._db) is not None
 
-    thread = threading.Thread(target=start, name="pixfind-lite-start", daemon=True)
-    thread.start()
-    return thread
+    def result(self) -> bool | None:
+        """Wait for the start: True started, False refused (file held, engine failed), None unknown."""
+        self._thread.join()
+        return self._started
 
 
 def _release_lite(db: str) -> None:
