@@ -305,3 +305,15 @@ def test_decoding_waits_for_a_model_that_fills_the_cpu(
         assert encoder.decodes_during_inference == 0
     else:
         assert encoder.decodes_during_inference > 0
+
+
+def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from pixfind import indexer
+
+    monkeypatch.setattr(indexer, "cpu_cores", lambda: 8)
+    assert indexer.default_workers(SimpleNamespace(device="cuda:0", fills_cpu=False)) == 8  # GPU: CPU decodes
+    assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=True)) == 8  # turns: all cores
+    assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=False)) == 4  # beside a CPU model
+    assert indexer.default_workers(SimpleNamespace()) == 4  # an encoder of the caller's that does not say

@@ -123,11 +123,12 @@ class _Prepared:
     fingerprint: str
 
 
-def default_workers(between_batches: bool) -> int:
-    """Decode threads. Decoding between batches (the model fills the CPU): one per core, to be
-    done quickly. Beside inference (a GPU, or spare cores): one per two cores keeps the model fed;
-    draft-mode decoding costs ~1/6 of a CPU inference."""
-    return cpu_cores() if between_batches else max(1, cpu_cores() // 2)
+def default_workers(encoder: Encoder) -> int:
+    """Decode threads. A model on the GPU leaves the CPU to decoding, and one that fills the CPU
+    leaves it between batches (decoded quickly on every core): one per core. A CPU model on
+    fewer threads: one per two cores, beside it (draft decoding costs ~1/6 of a CPU inference)."""
+    on_gpu = str(getattr(encoder, "device", "cpu")).startswith("cuda")
+    return cpu_cores() if on_gpu or _fills_cpu(encoder) else max(1, cpu_cores() // 2)
 
 
 class CpuTurns:
@@ -343,7 +344,7 @@ class Indexer:
         """Decode in a thread pool, at most ``lookahead`` files ahead of the model, in order."""
         min_side = encoder.draft_side if self.draft else None
         self._turns.enabled = _fills_cpu(encoder)
-        workers = self.workers or default_workers(between_batches=self._turns.enabled)
+        workers = self.workers or default_workers(encoder)
         lookahead = max(2 * self.batch_size, 4 * workers)
         queue: deque[Future[_Prepared | tuple[str, str]]] = deque()
         items = iter(todo)
