@@ -93,9 +93,7 @@ def stored_state(uri: str) -> tuple[list[str], int, dict[str, tuple[int, int, fl
             count = store.count()
             meta = store.lookup(keys)
             vectors = store.vectors_of(keys) if keys else {}
-            rows = {
-                k: (meta[k].size, meta[k].mtime_ns, float(np.linalg.norm(np.asarray(vectors[k])))) for k in keys
-            }
+            rows = {k: (meta[k].size, meta[k].mtime_ns, float(np.linalg.norm(np.asarray(vectors[k])))) for k in keys}
     server_manager_instance.release_server(uri)  # let the next pixfind process open the file
     return keys, count, rows
 
@@ -133,9 +131,7 @@ for batch in range(10_000):
 def test_acknowledged_upserts_survive_sigkill_without_flush(victims: str, tmp_path: Path) -> None:
     """Milvus Lite persists each upsert before it returns: no flush is needed for durability."""
     uri = str(tmp_path / "durable.db")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, uri], env=pixfind_env(), stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, uri], env=pixfind_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     acked = 0
     while acked < 5:

@@ -193,8 +193,7 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         if pretrained and pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
             tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
             raise ModelLoadError(
-                f"no weights {pretrained!r} for {spec.name}: choose --pretrained from {tags}, "
-                "or --checkpoint FILE"
+                f"no weights {pretrained!r} for {spec.name}: choose --pretrained from {tags}, or --checkpoint FILE"
             )
     weights_dir = cache_dir() / "weights"
     if pretrained and not spec.checkpoint:
