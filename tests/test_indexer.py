@@ -259,6 +259,36 @@ def test_optimize_for_queries_switches_lite_to_ivf_until_close(tmp_path: Path, m
         assert reopened.count() == 1500
 
 
+def test_an_ivf_index_left_by_a_killed_server_is_adopted_then_restored(
+    make_images, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pixfind serve` killed before restoring FLAT leaves IVF on file: the next serve uses it (and
+    restores FLAT on exit), the next index run restores FLAT."""
+    from pixfind import ImageIndex
+    from pixfind import store as store_module
+    from pixfind.store import Store
+
+    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1000)
+    uri = str(tmp_path / "big.db")
+    clustered_lite_index(uri, 1200, seed=7)
+    for restart in ("serve", "index"):
+        with Store(uri) as store:
+            assert store.index_for_serving()  # ... and the process dies without restore_index()
+        with Store(uri) as store:
+            assert store.index_type() == "IVF_FLAT"
+        with ImageIndex(uri=uri, create=False) as index:
+            if restart == "serve":
+                assert index.optimize_for_queries()  # adopted, not rebuilt
+                assert index.store.index_type() == "IVF_FLAT"
+            else:
+                folder = tmp_path / "empty"
+                folder.mkdir()
+                index.add(folder)
+        with Store(uri) as store:
+            assert store.index_type() == "FLAT"
+            assert store.count() == 1200
+
+
 class _SlowEncoder:
     """Stands in for a model: records whether a decode ever ran while it was embedding."""
 

@@ -163,7 +163,10 @@ class ImageIndex:
             progress=progress,
             stop=stop,
         )
-        return indexer.run([str(f) for f in folders])
+        report = indexer.run([str(f) for f in folders])
+        if not self._optimized:
+            self.store.restore_index()  # an IVF index left by a killed `pixfind serve`
+        return report
 
     # -- queries ----------------------------------------------------------------------------
 

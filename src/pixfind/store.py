@@ -657,10 +657,17 @@ class Store:
 
         Lite keeps an exact FLAT index on file because it rebuilds an IVF index on every open
         (+1.6 s for a cold search at 100k images); but inside ``pixfind serve`` IVF answers at
-        100k in ~2.4 ms instead of ~28 ms, at recall@10 0.97. Small collections stay exact. Returns True when switched;
-        call :meth:`restore_index` before closing (a crash just leaves IVF: still correct).
+        100k in ~2.4 ms instead of ~28 ms, at recall@10 0.97. Small collections stay exact.
+        Returns True when switched; call :meth:`restore_index` before closing. A crash leaves IVF
+        on file (still correct, but slower to open): the next serve adopts it, the next index run
+        restores FLAT.
         """
-        if self.is_server or self.count() < LITE_SERVING_MIN_ROWS or self.index_type() != "FLAT":
+        if self.is_server or self.count() < LITE_SERVING_MIN_ROWS:
+            return False
+        if self.index_type() == "IVF_FLAT":  # left by a server that was killed: use it
+            self._serving_index = True
+            return True
+        if self.index_type() != "FLAT":
             return False
         nlist = max(64, min(4096, int(4 * self.count() ** 0.5)))
         self._replace_lite_index({"index_type": "IVF_FLAT", "metric_type": "COSINE", "params": {"nlist": nlist}})
@@ -669,7 +676,7 @@ class Store:
 
     def restore_index(self) -> None:
         """Back to the exact FLAT index of a Lite file (after :meth:`index_for_serving`)."""
-        if not self.is_server and self.index_type() != "FLAT":
+        if not self.is_server and self.exists() and self.index_type() != "FLAT":
             self._replace_lite_index(self._index_config())
         self._serving_index = False
 
