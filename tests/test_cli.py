@@ -176,3 +176,36 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
         server.terminate()
         server.wait(30)
     assert not Path(uri + ".serve.json").exists()
+
+
+def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ignore[no-untyped-def]
+    indexed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+    import time
+
+    from pixfind import store as store_module
+    from pixfind.store import Store
+
+    uri, _ = indexed
+    monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1)
+    with Store(uri) as store:
+        assert store.index_for_serving()  # ... and the server is killed before it restores FLAT
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pixfind", "serve", "--uri", uri, "--port", "0", "--exact"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        assert server.stdout is not None
+        for line in server.stdout:
+            assert "approximate" not in line
+            if re.search(r"http://127\.0\.0\.1:\d+/", line) or time.monotonic() > deadline:
+                break
+    finally:
+        server.terminate()
+        server.wait(30)
+    with Store(uri) as store:
+        assert store.index_type() == "FLAT"

@@ -638,7 +638,10 @@ def serve(
         sock.close()
         raise
     try:
-        if not exact and index.optimize_for_queries():  # undone by index.close()
+        if exact:
+            with contextlib.suppress(PixfindError):
+                index.store.restore_index()  # an IVF index left by a killed serve: exact again
+        elif index.optimize_for_queries():  # undone by index.close()
             say(
                 "pixfind: large embedded index: approximate (IVF) search while serving, exact again on exit "
                 "(--exact keeps it exact)"
