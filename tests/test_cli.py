@@ -142,10 +142,23 @@ def test_offline_without_weights_says_how_to_go_on(tmp_path: Path, make_images) 
     assert "PIXFIND_PRETRAINED=none" in result.stderr and "Traceback" not in result.stderr
 
 
+def serve_output_until_listening(server: subprocess.Popen[str], deadline: float) -> str:
+    """What a started ``pixfind serve`` printed, up to the line with its URL (or the deadline)."""
+    import re
+    import time
+
+    assert server.stdout is not None
+    said = ""
+    for line in server.stdout:
+        said += line
+        if re.search(r"http://127\.0\.0\.1:\d+/", line) or time.monotonic() > deadline:
+            break
+    return said
+
+
 def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """While `pixfind serve` holds the embedded index, a command-line search asks it instead of
     failing on the lock (and needs neither the model nor Milvus)."""
-    import re
     import time
 
     uri, photos = indexed
@@ -157,10 +170,7 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
     )
     try:
         deadline = time.monotonic() + 120
-        assert server.stdout is not None
-        for line in server.stdout:
-            if re.search(r"http://127\.0\.0\.1:\d+/", line) or time.monotonic() > deadline:
-                break
+        serve_output_until_listening(server, deadline)
         announce = Path(uri + ".serve.json")
         while not announce.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -181,7 +191,6 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
 def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ignore[no-untyped-def]
     indexed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import re
     import time
 
     from pixfind import store as store_module
@@ -198,12 +207,8 @@ def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ign
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        assert server.stdout is not None
-        for line in server.stdout:
-            assert "approximate" not in line
-            if re.search(r"http://127\.0\.0\.1:\d+/", line) or time.monotonic() > deadline:
-                break
+        said = serve_output_until_listening(server, time.monotonic() + 120)
+        assert "approximate" not in said
     finally:
         server.terminate()
         server.wait(30)
