@@ -212,7 +212,7 @@ def main() -> None:
     from models import matmul_gflops, rate
     from photos import describe, photo_dir
 
-    from pixfind.config import ModelSpec
+    from pixfind.config import ModelSpec, cpu_cores
     from pixfind.images import load_image
     from pixfind.onnx_encoder import load_encoder
 
@@ -316,7 +316,7 @@ def main() -> None:
         per_round, of_medians = ratio(a, b)
         print(f"  {label:32s} {per_round:5.2f}   {of_medians:5.2f}")
     # 2 cores: the model uses both at rate M (2/M core-s per image), decode 1/D core-s per image
-    cores = os.cpu_count() or 2
+    cores = cpu_cores()
     m, d = med["model only: onnx b16"], med["decode only: 1 thread"]
     bound = cores / (cores / m + 1 / d)
     print(

@@ -662,14 +662,15 @@ class Store:
         on file (still correct, but slower to open): the next serve adopts it, the next index run
         restores FLAT.
         """
-        if self.is_server or self.count() < LITE_SERVING_MIN_ROWS:
+        rows = 0 if self.is_server else self.count()
+        if rows < LITE_SERVING_MIN_ROWS:
             return False
         if self.index_type() == "IVF_FLAT":  # left by a server that was killed: use it
             self._serving_index = True
             return True
         if self.index_type() != "FLAT":
             return False
-        nlist = max(64, min(4096, int(4 * self.count() ** 0.5)))
+        nlist = max(64, min(4096, int(4 * rows**0.5)))
         self._replace_lite_index({"index_type": "IVF_FLAT", "metric_type": "COSINE", "params": {"nlist": nlist}})
         self._serving_index = True
         return True

@@ -53,6 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
+from .config import cpu_cores
 from .errors import PixfindError, StoreError
 from .images import ImageLoadError, has_image_extension, load_image
 
@@ -192,7 +193,7 @@ class WebService:
         self.limits = limits
         self.lock = threading.Lock()  # one Milvus client and one model: one call at a time
         self.known = _ContainsCache()
-        self.thumb_slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self.thumb_slots = threading.BoundedSemaphore(cpu_cores())
 
     # index calls, serialised
 
