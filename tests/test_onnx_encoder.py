@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
-from pixfind import onnx_encoder  # noqa: E402
+from pixfind import onnx_encoder, openvino_visual  # noqa: E402
 from pixfind.cliptokenizer import ClipTokenizer, trim_padding  # noqa: E402
 from pixfind.config import ModelSpec  # noqa: E402
 from pixfind.encoder import ClipEncoder  # noqa: E402
@@ -220,3 +220,99 @@ def test_int8_is_opt_in_and_close(onnx: OnnxClipEncoder, torch_encoder: ClipEnco
     cos = (int8.encode_images(pixels) * onnx.encode_images(pixels)).sum(1)
     assert cos.min() > 0.95
     assert not onnx.int8 and (onnx.folder / "visual.int8.onnx").is_file()
+
+
+# -- OpenVINO for the image tower --------------------------------------------------------------
+
+
+def _pixels(torch_encoder: ClipEncoder) -> np.ndarray:
+    return np.stack([torch_encoder.preprocess(img) for img in _images()])
+
+
+@pytest.fixture
+def fresh_record(onnx: OnnxClipEncoder) -> Path:
+    """Each test starts with no OpenVINO check recorded for the shared export."""
+    record = onnx.folder / openvino_visual.RECORD
+    record.unlink(missing_ok=True)
+    yield record
+    record.unlink(missing_ok=True)
+
+
+def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_record, monkeypatch) -> None:
+    pytest.importorskip("openvino")
+    monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
+    pixels = _pixels(torch_encoder)
+    ov = OnnxClipEncoder(onnx.folder, threads=1)
+    ort_only = OnnxClipEncoder(onnx.folder, threads=1, openvino=False)
+    for batch in (pixels[:1], pixels):
+        a, b = ov.encode_images(batch), ort_only.encode_images(batch)
+        assert a.shape == b.shape == (len(batch), 384) and a.dtype == np.float32
+        assert np.abs(a - b).max() < 1e-4
+        assert np.abs(a - torch_encoder.encode_images(batch)).max() < 1e-4
+    assert (ov.image_runtime, ort_only.image_runtime) == ("openvino", "onnxruntime")
+    assert "visual" not in ov._sessions  # the check's ONNX Runtime session is not kept
+    record = json.loads(fresh_record.read_text())
+    assert record["ok"] and record["openvino"] == openvino_visual.version()
+
+    # checked once: the next encoder trusts the record and never builds an ONNX Runtime session
+    again = OnnxClipEncoder(onnx.folder, threads=1)
+    monkeypatch.setattr(again, "_make_session", lambda tower: pytest.fail(f"{tower} session built"))
+    assert np.abs(again.encode_images(pixels[:2]) - ort_only.encode_images(pixels[:2])).max() < 1e-4
+    assert again.image_runtime == "openvino"
+
+
+def test_openvino_switch_and_int8_stay_on_onnxruntime(onnx, torch_encoder, fresh_record, monkeypatch) -> None:
+    pixels = _pixels(torch_encoder)[:2]
+    monkeypatch.setenv("PIXFIND_OPENVINO", "0")
+    off = OnnxClipEncoder(onnx.folder, threads=1)
+    off.encode_images(pixels)
+    assert off.image_runtime == "onnxruntime" and not fresh_record.exists()
+    monkeypatch.delenv("PIXFIND_OPENVINO")
+    int8 = OnnxClipEncoder(onnx.folder, threads=1, int8=True)
+    int8.encode_images(pixels)
+    assert int8.image_runtime == "onnxruntime"
+
+
+def test_openvino_mismatch_is_recorded_and_not_used(onnx, torch_encoder, fresh_record, monkeypatch, caplog) -> None:
+    pytest.importorskip("openvino")
+    monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
+    pixels = _pixels(torch_encoder)[:2]
+    first = OnnxClipEncoder(onnx.folder, threads=1)
+    real = first._run_visual_ort
+    monkeypatch.setattr(first, "_run_visual_ort", lambda batch: real(batch)[:, ::-1].copy())  # a wrong answer
+    with caplog.at_level("WARNING"):
+        first.encode_images(pixels)
+    assert first.image_runtime == "onnxruntime" and "differs from ONNX Runtime" in caplog.text
+    assert json.loads(fresh_record.read_text())["ok"] is False
+
+    # not retried for this OpenVINO version and export: no compile at all
+    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", lambda *a: pytest.fail("compiled again"))
+    second = OnnxClipEncoder(onnx.folder, threads=1)
+    assert np.abs(second.encode_images(pixels) - torch_encoder.encode_images(pixels)).max() < 1e-4
+    assert second.image_runtime == "onnxruntime"
+
+    # a new export (other files) is checked afresh
+    record = json.loads(fresh_record.read_text())
+    fresh_record.write_text(json.dumps({**record, "model": [1, 2]}))
+    monkeypatch.undo()
+    monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
+    third = OnnxClipEncoder(onnx.folder, threads=1)
+    third.encode_images(pixels)
+    assert third.image_runtime == "openvino" and json.loads(fresh_record.read_text())["ok"] is True
+
+
+def test_openvino_compile_failure_falls_back(onnx, torch_encoder, fresh_record, monkeypatch, caplog) -> None:
+    pytest.importorskip("openvino")
+    monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated plugin failure\nsecond line")
+
+    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", broken)
+    pixels = _pixels(torch_encoder)[:2]
+    encoder = OnnxClipEncoder(onnx.folder, threads=1)
+    with caplog.at_level("WARNING"):
+        vectors = encoder.encode_images(pixels)
+    assert encoder.image_runtime == "onnxruntime" and "simulated plugin failure" in caplog.text
+    assert np.abs(vectors - torch_encoder.encode_images(pixels)).max() < 1e-4
+    assert "compile" in json.loads(fresh_record.read_text())["reason"]

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -110,6 +111,7 @@ class OnnxClipEncoder:
         threads: int | None = None,
         int8: bool = False,
         spinning: bool | None = None,
+        openvino: bool | None = None,
     ) -> None:
         self.folder = Path(folder)
         meta = json.loads((self.folder / META).read_text())
@@ -126,6 +128,12 @@ class OnnxClipEncoder:
         #: one); ``PIXFIND_ORT_SPIN=1`` turns it on.
         self.spinning = spinning
         self._sessions: dict[str, Any] = {}
+        #: Images on OpenVINO: None = when it is installed, checked and not disabled.
+        self.openvino = openvino
+        self._run_visual: Any = None
+        self._pick_lock = threading.Lock()
+        #: What embeds images: "openvino" or "onnxruntime" (None until the first image batch).
+        self.image_runtime: str | None = None
         self._tokenizer: Any = None
         #: Inference keeps every core busy: decoding beside it only slows both (the indexer then
         #: decodes between batches instead).
@@ -202,8 +210,30 @@ class OnnxClipEncoder:
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
         batch = np.ascontiguousarray(pixels, dtype=np.float32)
+        with self._pick_lock:
+            if self._run_visual is None:
+                self._run_visual = self._pick_image_runtime()
+        return normalise_rows(self._run_visual(batch))
+
+    def _run_visual_ort(self, batch: np.ndarray) -> np.ndarray:
         (features,) = self.session("visual").run(None, {"pixels": batch})
-        return normalise_rows(features)
+        return features
+
+    def _pick_image_runtime(self) -> Any:
+        """OpenVINO when it is installed and matches ONNX Runtime (see :mod:`pixfind.openvino_visual`),
+        else ONNX Runtime. int8 stays on ONNX Runtime, which quantised it."""
+        if not self.int8 and self.openvino is not False:
+            from .openvino_visual import load_checked
+
+            runner = load_checked(
+                self.folder, self.image_size, self.threads, self._run_visual_ort, even_if_disabled=bool(self.openvino)
+            )
+            self._sessions.pop("visual", None)  # the check's ONNX Runtime session: ~350 MB freed
+            if runner is not None:
+                self.image_runtime = "openvino"
+                return runner.run
+        self.image_runtime = "onnxruntime"
+        return self._run_visual_ort
 
     # -- text -------------------------------------------------------------------------------
 
@@ -261,7 +291,7 @@ def load_encoder(
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            reason = f"onnxruntime not installed ({exc}); pip install 'pixfind[onnx]'"
+            reason = f"onnxruntime not installed ({exc}); pip install onnxruntime"
             if backend == "onnx":
                 raise ModelLoadError(reason) from exc
             log.info("using torch: %s", reason)
@@ -585,9 +615,10 @@ def check_parity(encoder: ClipEncoder, candidate: OnnxClipEncoder) -> dict[str, 
     if pre_diff > 1e-5:
         raise ModelLoadError(f"numpy preprocessing differs from open_clip's by {pre_diff:.2e}")
     a = encoder.encode_images(torch_pixels)
-    b = candidate.encode_images(ours)
+    # ONNX Runtime's image tower; OpenVINO is checked against it when first used (openvino_visual)
+    b = normalise_rows(candidate._run_visual_ort(ours))
     image_diff = float(np.abs(a - b).max())
-    a1 = candidate.encode_images(ours[:1])  # batch 1 through the dynamic axis
+    a1 = normalise_rows(candidate._run_visual_ort(ours[:1]))  # batch 1 through the dynamic axis
     image_diff = max(image_diff, float(np.abs(a[:1] - a1).max()))
     if image_diff > PARITY_TOL:
         raise ModelLoadError(f"ONNX image tower differs from torch by {image_diff:.2e}")
