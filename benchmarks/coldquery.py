@@ -63,11 +63,12 @@ def make_lite_db(folder: Path, dim: int, rows: int = 10_000) -> str:
     schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     index = client.prepare_index_params()
-    index.add_index("vector", index_type="FLAT", metric_type="COSINE")
+    index.add_index("vector", index_type="FLAT", metric_type="IP")  # as pixfind's store.METRIC
     client.create_collection("bench", schema=schema, index_params=index)
     rng = np.random.default_rng(0)
     for start in range(0, rows, 1000):
         vec = rng.standard_normal((1000, dim)).astype("float32")
+        vec /= np.linalg.norm(vec, axis=1, keepdims=True)
         client.insert("bench", [{"path": f"/p/{start + i}.jpg", "vector": v} for i, v in enumerate(vec)])
     client.flush("bench")
     client.close()

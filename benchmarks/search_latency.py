@@ -191,7 +191,7 @@ def main() -> int:
         params = {"nlist": 1024} if kind.startswith("IVF") else store_mod.SERVER_INDEX["params"]
         if args.index_params:
             params = json.loads(args.index_params)
-        store_mod.SERVER_INDEX = {"index_type": kind, "metric_type": "COSINE", "params": params}
+        store_mod.SERVER_INDEX = {"index_type": kind, "metric_type": store_mod.METRIC, "params": params}
     lines = []
     for backend in args.backends.split(","):
         if backend == "lite":

@@ -158,6 +158,53 @@ def test_search_ranks_by_cosine(backend: Backend) -> None:
         assert (results[0][0].width, results[0][0].height, results[0][0].size) == (640, 480, rows[7].size)
 
 
+def test_new_collections_use_inner_product_on_unit_vectors(backend: Backend) -> None:
+    paths = [f"/ip/{i}.jpg" for i in range(30)]
+    store, rows = filled(backend, paths)
+    with store:
+        assert store.index_metric() == "IP"
+        query = np.asarray(rows[3].vector) * 0.8 + np.asarray(rows[4].vector) * 0.6
+        expected = sorted(
+            ((float(np.dot(r.vector, query) / np.linalg.norm(query)), p) for r, p in zip(rows, paths, strict=True)),
+            reverse=True,
+        )[:5]
+        for scale in (1.0, 7.5, 0.01):  # any length of query gives the cosine
+            hits = store.search([query * scale], 5)[0]
+            assert [h.path for h in hits] == [p for _, p in expected]
+            assert [h.score for h in hits] == pytest.approx([c for c, _ in expected], abs=1e-5)
+        stored = store.vectors_of([rows[0].key])[rows[0].key]
+        assert stored == pytest.approx(list(rows[0].vector), abs=1e-7)
+
+
+def test_collections_made_with_cosine_keep_working(backend: Backend, monkeypatch) -> None:
+    """Files written before the IP metric: searches use the index's metric, and a Lite file's
+    FLAT index moves to IP at the next restore_index() (each index run)."""
+    paths = [f"/cos/{i}.jpg" for i in range(30)]
+    monkeypatch.setattr(store_mod, "METRIC", "COSINE")
+    monkeypatch.setattr(store_mod, "SERVER_INDEX", {**store_mod.SERVER_INDEX, "metric_type": "COSINE"})
+    store, rows = filled(backend, paths)
+    monkeypatch.undo()
+    store.close()
+    with backend.store() as store:
+        assert store.index_metric() == "COSINE"
+        before = store.search([rows[5].vector], 5)[0]
+        assert before[0].path == paths[5] and before[0].score == pytest.approx(1.0, abs=1e-4)
+        store.restore_index()
+        assert store.index_metric() == ("COSINE" if store.is_server else "IP")
+        after = store.search([rows[5].vector], 5)[0]
+        assert [h.path for h in after] == [h.path for h in before]
+        assert [h.score for h in after] == pytest.approx([h.score for h in before], abs=1e-5)
+        assert store.count() == len(paths)
+
+
+def test_unit_normalises_only_what_is_not_unit() -> None:
+    exact = vectors(1)[0]
+    assert store_mod.unit(exact) == [float(x) for x in exact]  # bit for bit
+    assert np.linalg.norm(store_mod.unit([3.0, 4.0])) == pytest.approx(1.0)
+    assert store_mod.unit([3.0, 4.0]) == pytest.approx([0.6, 0.8])
+    assert store_mod.unit([0.0, 0.0]) == [0.0, 0.0]
+
+
 def test_read_your_writes_in_the_same_store(backend: Backend) -> None:
     with backend.store() as store:
         store.ensure(MODEL, DIM)

@@ -3,7 +3,7 @@
 Schema (version 1), explicit, no dynamic fields:
 
     path         VARCHAR  primary key: the file's absolute path (see pathkeys for the few escapes)
-    vector       FLOAT_VECTOR(dim), COSINE
+    vector       FLOAT_VECTOR(dim), unit length, inner product (= cosine; older files: COSINE)
     size         INT64    bytes          } together with mtime: "has this file changed?"
     mtime_ns     INT64    nanoseconds    }
     width        INT32    pixels as displayed (EXIF rotation applied)
@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -38,6 +39,13 @@ SCHEMA_VERSION = 1
 APP = "pixfind"
 VECTOR = "vector"
 META_FIELDS = ["path", "size", "mtime_ns", "width", "height", "fingerprint"]
+
+#: The vector metric of new collections. Vectors are unit length (encoders normalise; the store
+#: normalises anything that is not), so inner product *is* the cosine, and Milvus Lite's exact
+#: search is faster with it: 18.4 ms against 25.5 ms for COSINE at 100k vectors (same ranking and
+#: scores). Searches name no metric, so Milvus uses the index's: collections made with COSINE
+#: keep working; a Lite file's FLAT index moves to IP on the next index run.
+METRIC = "IP"
 
 #: Rows per insert call on Milvus Lite: 2.5 slows ~30x on calls of 4,000+ rows.
 WRITE_BATCH = 1000
@@ -63,7 +71,7 @@ SERVER_RETRIES = 6
 #: for the same recall. IVF_FLAT (nlist 1024) matched the recall but served batches 10x slower.
 SERVER_INDEX: dict[str, Any] = {
     "index_type": "HNSW",
-    "metric_type": "COSINE",
+    "metric_type": METRIC,
     "params": {"M": 16, "efConstruction": 100},
 }
 #: Server reads see this process's own writes (pymilvus records their timestamps), without the
@@ -127,13 +135,23 @@ class Row:
     def to_entity(self) -> dict[str, Any]:
         return {
             "path": self.key,
-            VECTOR: list(map(float, self.vector)),
+            VECTOR: unit(self.vector),
             "size": self.size,
             "mtime_ns": self.mtime_ns,
             "width": self.width,
             "height": self.height,
             "fingerprint": self.fingerprint,
         }
+
+
+def unit(vector: Sequence[float]) -> list[float]:
+    """``vector`` as floats of length 1 (already-unit vectors pass unchanged, bit for bit), so
+    that the inner product of two stored vectors is their cosine."""
+    values = list(map(float, vector))
+    norm = math.sqrt(math.fsum(x * x for x in values))
+    if norm > 0 and abs(norm - 1.0) > 1e-4:
+        values = [x / norm for x in values]
+    return values
 
 
 @dataclass
@@ -236,7 +254,7 @@ class Store:
         self._lock: LiteLock | None = None
         self._info: CollectionInfo | None = None
         self._loaded = False
-        self._index_type: str | None = None
+        self._index_type: tuple[str, str] | None = None  # (type, metric)
         self._serving_index = False  # Lite switched to IVF_FLAT by index_for_serving()
         self._unsynced = False  # written on a server since the last sync
         self._deleted = False  # deleted on a server since the last Strong read
@@ -462,7 +480,7 @@ class Store:
 
     def _index_config(self) -> dict[str, Any]:
         if not self.is_server:
-            return {"index_type": "FLAT", "metric_type": "COSINE"}
+            return {"index_type": "FLAT", "metric_type": METRIC}
         return dict(SERVER_INDEX)
 
     def _ready(self) -> None:
@@ -632,7 +650,7 @@ class Store:
         results = self._call(
             self.client.search,
             self.collection,
-            data=[list(map(float, v)) for v in vectors],
+            data=[unit(v) for v in vectors],
             limit=limit,
             filter=folder_prefix_filter(folder) if folder else "",
             output_fields=["path", "width", "height", "size"],
@@ -642,7 +660,7 @@ class Store:
         return [[_hit(item) for item in result] for result in results]
 
     def _search_params(self, limit: int) -> dict[str, Any]:
-        params: dict[str, Any] = {"metric_type": "COSINE"}
+        params: dict[str, Any] = {}  # no metric_type: the index's (IP, or COSINE on older files)
         if not self.is_server and not self._serving_index:
             return params  # Lite's exact FLAT index takes no parameters
         kind = self.index_type()
@@ -671,13 +689,14 @@ class Store:
         if self.index_type() != "FLAT":
             return False
         nlist = max(64, min(4096, int(4 * rows**0.5)))
-        self._replace_lite_index({"index_type": "IVF_FLAT", "metric_type": "COSINE", "params": {"nlist": nlist}})
+        self._replace_lite_index({"index_type": "IVF_FLAT", "metric_type": METRIC, "params": {"nlist": nlist}})
         self._serving_index = True
         return True
 
     def restore_index(self) -> None:
-        """Back to the exact FLAT index of a Lite file (after :meth:`index_for_serving`)."""
-        if not self.is_server and self.exists() and self.index_type() != "FLAT":
+        """Back to the exact FLAT index of a Lite file (after :meth:`index_for_serving`), with
+        :data:`METRIC` (files made by earlier versions have COSINE)."""
+        if not self.is_server and self.exists() and (self.index_type(), self.index_metric()) != ("FLAT", METRIC):
             self._replace_lite_index(self._index_config())
         self._serving_index = False
 
@@ -693,13 +712,21 @@ class Store:
 
     def index_type(self) -> str:
         """The vector index's type (``HNSW``, ``IVF_FLAT``, ``FLAT``, ...), read once."""
+        return self._describe_index()[0]
+
+    def index_metric(self) -> str:
+        """The vector index's metric (``IP``; ``COSINE`` in collections made by earlier versions)."""
+        return self._describe_index()[1]
+
+    def _describe_index(self) -> tuple[str, str]:
         if self._index_type is None:
-            kind = ""
+            kind = metric = ""
             names = self._call(self.client.list_indexes, self.collection, field_name=VECTOR)
             if names:
                 described = self._call(self.client.describe_index, self.collection, names[0])
                 kind = str(described.get("index_type", ""))
-            self._index_type = kind.upper()
+                metric = str(described.get("metric_type", ""))
+            self._index_type = (kind.upper(), metric.upper())
         return self._index_type
 
     def vectors_of(self, keys: Sequence[str]) -> dict[str, list[float]]:
