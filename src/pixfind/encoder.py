@@ -1,7 +1,7 @@
 """Where images and queries become vectors: the open_clip model, loaded once, used in batches.
 
-All vectors leave this module L2-normalised, as float32 numpy arrays, so the store can use the
-cosine metric (equal to the inner product on unit vectors) and callers never touch torch.
+All vectors leave this module L2-normalised, as float32 numpy arrays, so the store's inner
+product is the cosine, and callers never touch torch.
 """
 
 from __future__ import annotations

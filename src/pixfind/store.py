@@ -254,7 +254,7 @@ class Store:
         self._lock: LiteLock | None = None
         self._info: CollectionInfo | None = None
         self._loaded = False
-        self._index_type: tuple[str, str] | None = None  # (type, metric)
+        self._index_described: tuple[str, str] | None = None  # (type, metric)
         self._serving_index = False  # Lite switched to IVF_FLAT by index_for_serving()
         self._unsynced = False  # written on a server since the last sync
         self._deleted = False  # deleted on a server since the last Strong read
@@ -529,7 +529,7 @@ class Store:
             self._call(self.client.drop_collection, self.collection)
         self._info = None
         self._loaded = False
-        self._index_type = None
+        self._index_described = None
         self._unsynced = self._deleted = False
 
     # -- rows -----------------------------------------------------------------------------------
@@ -708,7 +708,7 @@ class Store:
         index.add_index(VECTOR, **config)
         self._call(self.client.create_index, self.collection, index)
         self._call(self.client.load_collection, self.collection)
-        self._index_type = None
+        self._index_described = None
 
     def index_type(self) -> str:
         """The vector index's type (``HNSW``, ``IVF_FLAT``, ``FLAT``, ...), read once."""
@@ -719,15 +719,15 @@ class Store:
         return self._describe_index()[1]
 
     def _describe_index(self) -> tuple[str, str]:
-        if self._index_type is None:
+        if self._index_described is None:
             kind = metric = ""
             names = self._call(self.client.list_indexes, self.collection, field_name=VECTOR)
             if names:
                 described = self._call(self.client.describe_index, self.collection, names[0])
                 kind = str(described.get("index_type", ""))
                 metric = str(described.get("metric_type", ""))
-            self._index_type = (kind.upper(), metric.upper())
-        return self._index_type
+            self._index_described = (kind.upper(), metric.upper())
+        return self._index_described
 
     def vectors_of(self, keys: Sequence[str]) -> dict[str, list[float]]:
         rows = self._call(
