@@ -90,8 +90,9 @@ class ImageIndex:
 
     @property
     def encoder(self) -> Encoder:
-        """The full model for indexing: ONNX Runtime on CPU (exported once, checked against
-        torch), torch on CUDA or when the export is not possible (``PIXFIND_BACKEND`` overrides)."""
+        """The full model for indexing: the exported ONNX towers on CPU (checked against torch;
+        images on OpenVINO, see :mod:`pixfind.openvino_visual`), torch on CUDA or when the export
+        is not possible (``PIXFIND_BACKEND`` overrides)."""
         with self._encoder_lock:
             if self._encoder is None:
                 from .onnx_encoder import load_encoder
