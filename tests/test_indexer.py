@@ -166,6 +166,33 @@ def test_foreign_db_file_is_refused_and_left_intact(tmp_path: Path) -> None:
     assert foreign.read_bytes() == b"my precious data" * 100
 
 
+def test_a_lite_file_left_mid_write_by_a_crash_still_opens(tmp_path: Path) -> None:
+    """A crash inside an SQLite write leaves a hot journal; a read-only look cannot roll it back,
+    which once made pixfind call a real index "foreign or corrupt"."""
+    import subprocess
+    import sys
+
+    from pixfind.store import Store, _looks_like_lite
+
+    uri = str(tmp_path / "crashed.db")
+    with Store(uri) as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+    crash_mid_write = (
+        "import os, sqlite3, sys; con = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN IMMEDIATE'); "
+        "con.execute('CREATE TABLE pixfind_test_t (x BLOB)'); "
+        "[con.execute('INSERT INTO pixfind_test_t VALUES (randomblob(4096))') for _ in range(200)]; "
+        "os._exit(9)"
+    )
+    subprocess.run([sys.executable, "-c", crash_mid_write, uri], check=False)
+    assert Path(uri + "-journal").is_file()  # the hot journal of the interrupted write
+    assert _looks_like_lite(Path(uri))
+    with Store(uri) as store:  # opens, with the interrupted write rolled back
+        assert store.count() == 0
+        assert store.info() is not None
+    assert not Path(uri + "-journal").exists()
+
+
 def test_a_lite_file_another_program_holds_is_refused(tmp_path: Path) -> None:
     """Milvus Lite locks ``.NAME.lock`` beside the file; when another program holds it, pixfind
     says so, and does not try a second start (a failed start deletes that lock file)."""
@@ -191,6 +218,43 @@ def test_a_lite_file_another_program_holds_is_refused(tmp_path: Path) -> None:
         holder.wait()
     with Store(uri) as store:  # usable again once the other program is gone
         assert store.count() == 0
+
+
+def test_lite_engine_start_registers_with_milvus_lite(tmp_path: Path) -> None:
+    """pixfind's start (no fixed 0.5 s wait) leaves the engine where MilvusClient finds it."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    from pixfind import store as store_module
+
+    db = tmp_path / "quick.db"
+    key = str(db.resolve())
+    try:
+        assert store_module._start_lite_engine(str(db))
+        engine = server_manager_instance._servers[key]
+        assert engine._p.poll() is None  # running
+        assert store_module._start_lite_engine(str(db))  # found, not started twice
+        assert server_manager_instance._servers[key] is engine
+        with store_module.Store(str(db)) as store:  # MilvusClient reuses that engine
+            store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+            assert store.count() == 0
+    finally:
+        server_manager_instance.release_server(key)
+
+
+def test_lite_engine_that_dies_at_start_is_refused_and_unlocked(tmp_path: Path, monkeypatch) -> None:
+    import fcntl
+
+    from milvus_lite.server import Server
+    from milvus_lite.server_manager import server_manager_instance
+
+    from pixfind import store as store_module
+
+    monkeypatch.setattr(Server, "args", property(lambda self: ["false"]))  # exits at once
+    db = tmp_path / "dies.db"
+    assert store_module._start_lite_engine(str(db)) is False
+    assert str(db.resolve()) not in server_manager_instance._servers
+    with open(tmp_path / ".dies.db.lock", "a") as lock:  # nothing holds the file any more
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def clustered_lite_index(uri: str, rows: int, seed: int) -> np.ndarray:
