@@ -166,6 +166,15 @@ def test_foreign_db_file_is_refused_and_left_intact(tmp_path: Path) -> None:
     assert foreign.read_bytes() == b"my precious data" * 100
 
 
+def empty_lite_index(path: Path) -> str:
+    """A Lite file holding an empty pixfind collection; returns its URI."""
+    from pixfind.store import Store
+
+    with Store(str(path)) as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+    return str(path)
+
+
 def test_a_lite_file_left_mid_write_by_a_crash_still_opens(tmp_path: Path) -> None:
     """A crash inside an SQLite write leaves a hot journal; a read-only look cannot roll it back,
     which once made pixfind call a real index "foreign or corrupt"."""
@@ -174,9 +183,7 @@ def test_a_lite_file_left_mid_write_by_a_crash_still_opens(tmp_path: Path) -> No
 
     from pixfind.store import Store, _looks_like_lite
 
-    uri = str(tmp_path / "crashed.db")
-    with Store(uri) as store:
-        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+    uri = empty_lite_index(tmp_path / "crashed.db")
     crash_mid_write = (
         "import os, sqlite3, sys; con = sqlite3.connect(sys.argv[1], isolation_level=None); "
         "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN IMMEDIATE'); "
@@ -195,15 +202,13 @@ def test_a_lite_file_left_mid_write_by_a_crash_still_opens(tmp_path: Path) -> No
 
 def test_a_lite_file_another_program_holds_is_refused(tmp_path: Path) -> None:
     """Milvus Lite locks ``.NAME.lock`` beside the file; when another program holds it, pixfind
-    says so, and does not try a second start (a failed start deletes that lock file)."""
+    says so, and does not try a second start (milvus_lite's failed start deletes that lock file)."""
     import subprocess
     import sys
 
     from pixfind.store import Store
 
-    uri = str(tmp_path / "held.db")
-    with Store(uri) as store:
-        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+    uri = empty_lite_index(tmp_path / "held.db")
     hold = (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); "
         "print(1, flush=True); time.sleep(60)"
