@@ -17,9 +17,7 @@ growth from the second tenth to the end, the peak (VmHWM) and the Milvus Lite en
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
-import os
 import shutil
 import sys
 import threading
@@ -31,6 +29,9 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from ingest import children_rss_mib, hwm_mib, rss_mib  # noqa: E402
 
 from pixfind import ImageIndex  # noqa: E402
 from pixfind.config import ModelSpec  # noqa: E402
@@ -74,36 +75,6 @@ def make_files(folder: Path, count: int) -> None:
         (sub / f"img_{i:06d}.jpg").write_bytes(content + i.to_bytes(4, "little"))
 
 
-def rss_mib(pid: int | str = "self") -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def lite_engine_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if f"PPid:\t{os.getpid()}\n" in status and b"milvus" in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 class RssTrace(NoProgress):
     """The indexer's progress hooks, recording (files embedded so far, RSS) four times a second."""
 
@@ -119,9 +90,7 @@ class RssTrace(NoProgress):
     def _sample(self) -> None:
         while not self._stop.wait(0.25):
             self.samples.append((self.done, rss_mib()))
-            for pid in lite_engine_pids():
-                with contextlib.suppress(OSError):
-                    self.lite_peak = max(self.lite_peak, rss_mib(pid))
+            self.lite_peak = max(self.lite_peak, children_rss_mib())  # the Milvus Lite engine
 
     def stop(self) -> None:
         self._stop.set()
@@ -168,7 +137,7 @@ def main() -> None:
         tenths.append(max(upto) if upto else float("nan"))
     print("RSS max per tenth of the files (MiB): " + ", ".join(f"{x:.0f}" for x in tenths))
     print(f"growth from the 2nd tenth to the last: {tenths[-1] - tenths[1]:+.0f} MiB")
-    print(f"peak RSS (VmHWM) {peak_mib():.0f} MiB; Milvus Lite engine peak RSS {progress.lite_peak:.0f} MiB")
+    print(f"peak RSS (VmHWM) {hwm_mib():.0f} MiB; Milvus Lite engine peak RSS {progress.lite_peak:.0f} MiB")
     shutil.rmtree(work, ignore_errors=True)
 
 
