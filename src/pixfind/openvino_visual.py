@@ -1,12 +1,13 @@
-"""OpenVINO for the exported image tower: the same ``visual.onnx``, ~9% faster than ONNX Runtime.
+"""OpenVINO for the exported image tower: the same ``visual.onnx``, ~7-9% faster than ONNX Runtime.
 
-On this project's 2-core AVX2 machine OpenVINO's CPU plugin runs ViT-B-32's image tower at 0.89
-of the fp32 matmul limit where ONNX Runtime reaches 0.80 (oneDNN's GEMMs against MLAS'), and holds
-up as well when another job shares the cores. :class:`~pixfind.onnx_encoder.OnnxClipEncoder`
-uses it for images when the ``openvino`` package imports and its vectors match ONNX Runtime's on a
-fixed sample; the match is checked once per export folder and OpenVINO version and recorded in
-``openvino.json`` beside the export, so later runs skip the ONNX Runtime session. Text queries stay
-on ONNX Runtime (its session starts faster, which is what a cold search needs).
+On this project's 2-core AVX2 machine OpenVINO's CPU plugin runs ViT-B-32's image tower at
+0.84-0.85 of the fp32 matmul limit where ONNX Runtime reaches 0.78-0.79 (``benchmarks/ingest.py``;
+oneDNN's GEMMs against MLAS'), and stays ahead when another job shares the cores.
+:class:`~pixfind.onnx_encoder.OnnxClipEncoder` uses it for images when the ``openvino`` package
+imports and its vectors match ONNX Runtime's on a fixed sample; the match is checked once per
+export folder and OpenVINO version and recorded in ``openvino.json`` beside the export, so later
+runs skip the ONNX Runtime session. Text queries stay on ONNX Runtime (its session starts faster,
+which is what a cold search needs).
 
 ``PIXFIND_OPENVINO=0`` turns it off.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .encoder import normalise_rows
+from .encoder import _first_line, normalise_rows
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,3 @@ def _write_record(folder: Path, key: dict[str, Any], ok: bool, reason: str) -> N
     with contextlib.suppress(OSError):  # a read-only cache: the check simply runs again next time
         (folder / RECORD).write_text(json.dumps({**key, "ok": ok, "reason": reason}))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else ""
