@@ -87,6 +87,10 @@ def _images() -> list[Image.Image]:
     return out
 
 
+def _pixels(torch_encoder: ClipEncoder) -> np.ndarray:
+    return np.stack([torch_encoder.preprocess(img) for img in _images()])
+
+
 def test_interface(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
     assert onnx.spec == SPEC
     assert onnx.dim == torch_encoder.dim == 384
@@ -105,7 +109,7 @@ def test_preprocess_equals_open_clip(onnx: OnnxClipEncoder, torch_encoder: ClipE
 
 
 def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
-    pixels = np.stack([torch_encoder.preprocess(img) for img in _images()])
+    pixels = _pixels(torch_encoder)
     for batch in (pixels[:1], pixels[:3], pixels):
         a = torch_encoder.encode_images(batch)
         b = onnx.encode_images(batch)
@@ -216,17 +220,13 @@ def test_export_failure_falls_back_to_torch(tmp_path: Path, monkeypatch, caplog)
 
 def test_int8_is_opt_in_and_close(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
     int8 = OnnxClipEncoder(onnx.folder, threads=1, int8=True)
-    pixels = np.stack([torch_encoder.preprocess(img) for img in _images()])
+    pixels = _pixels(torch_encoder)
     cos = (int8.encode_images(pixels) * onnx.encode_images(pixels)).sum(1)
     assert cos.min() > 0.95
     assert not onnx.int8 and (onnx.folder / "visual.int8.onnx").is_file()
 
 
 # -- OpenVINO for the image tower --------------------------------------------------------------
-
-
-def _pixels(torch_encoder: ClipEncoder) -> np.ndarray:
-    return np.stack([torch_encoder.preprocess(img) for img in _images()])
 
 
 @pytest.fixture
