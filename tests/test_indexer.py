@@ -247,19 +247,90 @@ def test_lite_engine_start_registers_with_milvus_lite(tmp_path: Path) -> None:
 
 
 def test_lite_engine_that_dies_at_start_is_refused_and_unlocked(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
     import fcntl
 
-    from milvus_lite.server import Server
     from milvus_lite.server_manager import server_manager_instance
 
     from pixfind import store as store_module
 
-    monkeypatch.setattr(Server, "args", property(lambda self: ["false"]))  # exits at once
+    real_command = store_module._lite_engine_command
+    monkeypatch.setattr(  # an engine that exits at once
+        store_module, "_lite_engine_command", lambda key: dataclasses.replace(real_command(key), args=["false"])
+    )
     db = tmp_path / "dies.db"
     assert store_module._start_lite_engine(str(db)) is False
     assert str(db.resolve()) not in server_manager_instance._servers
     with open(tmp_path / ".dies.db.lock", "a") as lock:  # nothing holds the file any more
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_lite_engine_command_is_milvus_lites_own(tmp_path: Path) -> None:
+    """pixfind starts the engine before importing milvus_lite (~0.1 s), so it builds the command
+    itself: it must stay the one milvus_lite's Server would run."""
+    from milvus_lite.server import Server
+
+    from pixfind import store as store_module
+
+    key = str((tmp_path / "same.db").resolve())
+    ours, theirs = store_module._lite_engine_command(key), Server(key)
+    assert ours is not None
+    assert ours.args[0] == theirs.milvus_bin and Path(ours.args[0]).exists()
+    assert ours.args[1] == str(theirs._db_file)
+    assert ours.args[2].startswith("unix:") and ours.args[2].endswith(f"_{Path(key).name}.sock")
+    assert ours.args[3:] == [theirs.log_level, theirs._lock_path]
+    assert ours.env["LD_LIBRARY_PATH"].split(":")[0] == str(theirs._bin_path)
+    assert ours.cwd == str(theirs._work_dir)
+
+
+def test_collection_requests_match_pymilvus_messages() -> None:
+    """The early describe and load are sent as bytes built without pymilvus (not imported yet)."""
+    from pymilvus.grpc_gen import milvus_pb2
+
+    from pixfind.store import _collection_request
+
+    for name in ("pixfind", "x", "photos_2024", "c" * 200):  # 200: a two-byte length
+        request = _collection_request(name)
+        assert request == milvus_pb2.DescribeCollectionRequest(collection_name=name).SerializeToString()
+        assert request == milvus_pb2.LoadCollectionRequest(collection_name=name).SerializeToString()
+
+
+def test_index_opened_to_read_is_described_and_loaded_early(tmp_path: Path) -> None:
+    """Opened with create=False (search, info, serve), a Lite index is described and starts
+    loading before pymilvus is used; info() is what the normal describe gives."""
+    from pymilvus.client.types import LoadState
+
+    from pixfind.pathkeys import key_of
+    from pixfind.store import Row, Store
+
+    uri = str(tmp_path / "early.db")
+    with Store(uri) as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+        store.write([Row(key_of("/p/a.jpg"), [1.0] + [0.0] * 63, 10, 20, 30, 40, "fp")])
+        described = store.info()
+    with Store(uri, create=False) as store:
+        assert store._early is not None
+        store._early._loading.result(timeout=30)  # the load asked for at start, no call from us
+        assert store.client.get_load_state(store.collection)["state"] == LoadState.Loaded
+        assert store.info() == described
+        assert store.count() == 1
+        store.drop()  # the early description is of a collection that is gone
+        assert store.info() is None
+    with Store(uri) as store:  # create=True (index): nothing asked early
+        assert store._early is None
+
+
+def test_early_read_of_a_missing_collection(tmp_path: Path) -> None:
+    from pixfind.store import Store
+
+    uri = str(tmp_path / "other.db")
+    with Store(uri, collection="first") as store:
+        store.ensure(ModelSpec(SMALL_MODEL, None), 64)
+    with Store(uri, collection="second", create=False) as store:
+        assert store.info() is None
+        assert store.count() == 0
+    with Store(uri, collection="first", create=False) as store:
+        assert store.info() is not None
 
 
 def clustered_lite_index(uri: str, rows: int, seed: int) -> np.ndarray:

@@ -148,4 +148,3 @@ def _model_stamp(folder: Path) -> list[int]:
 def _write_record(folder: Path, key: dict[str, Any], ok: bool, reason: str) -> None:
     with contextlib.suppress(OSError):  # a read-only cache: the check simply runs again next time
         (folder / RECORD).write_text(json.dumps({**key, "ok": ok, "reason": reason}))
-
