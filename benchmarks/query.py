@@ -124,15 +124,15 @@ import pixfind.cli
 t1 = time.perf_counter()
 index = ImageIndex(uri=sys.argv[1], create=False)
 t2 = time.perf_counter()
-index.search("warm up the collection load", limit=1)  # Lite loads the collection, ONNX the text tower
+index.search("warm up the collection load", limit=1)  # waits for Lite's load; ONNX text tower beside it
 t3 = time.perf_counter()
 index.search(sys.argv[2], limit=10)
 t4 = time.perf_counter()
 index.close()
 t5 = time.perf_counter()
 print(json.dumps({"import pixfind": t1a - t0, "import pixfind.cli (CLI only)": t1 - t1a,
-                  "open (Lite engine start beside pymilvus import)": t2 - t1,
-                  "first search (collection load beside text encoder load)": t3 - t2,
+                  "open (engine start, load asked; pymilvus import)": t2 - t1,
+                  "first search (rest of the load; text encoder beside)": t3 - t2,
                   "second search": t4 - t3, "close (Lite engine stop)": t5 - t4}))
 """
 
