@@ -1,6 +1,6 @@
 """Text-query latency: warm in-process p50/p95 and cold CLI wall time, at 10k and 100k images.
 
-    PYTHONPATH=src python benchmarks/query.py [--sizes 10000,100000] [--rounds 5] [--queries 40]
+    PYTHONPATH=src python benchmarks/query.py [--sizes 10000,100000] [--rounds 5] [--queries 40] [--server]
 
 Builds one Milvus Lite index per size (fresh temporary files) through :class:`pixfind.store.Store`
 as ``pixfind index`` writes it: random unit 512-d vectors, file-like paths
@@ -42,6 +42,8 @@ sys.path.insert(0, SRC)
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
+from search_latency import wait_indexed  # noqa: E402  (also puts tests/ on the path)
+
 from pixfind import ImageIndex  # noqa: E402
 from pixfind.config import DEFAULT_COLLECTION, ModelSpec  # noqa: E402
 from pixfind.pathkeys import key_of  # noqa: E402
@@ -64,11 +66,12 @@ def file_path(i: int) -> str:
     return f"/home/user/Pictures/{year}/{month:02d}/IMG_{i:06d}.jpg"
 
 
-def build(db: Path, rows: int, spec: ModelSpec) -> float:
-    """Fill a fresh Lite index with ``rows`` random unit vectors; returns seconds."""
+def build(db: Path | str, rows: int, spec: ModelSpec, token: str | None = None) -> float:
+    """Fill a fresh index (a Lite file, or a server URI) with ``rows`` random unit vectors;
+    returns seconds (on a server, until its ANN index covers every row)."""
     rng = np.random.default_rng(rows)
     start = time.perf_counter()
-    with Store(str(db), collection=DEFAULT_COLLECTION) as store:
+    with Store(str(db), token, collection=DEFAULT_COLLECTION) as store:
         store.ensure(spec, DIM)
         for first in range(0, rows, CHUNK):
             n = min(CHUNK, rows - first)
@@ -89,15 +92,16 @@ def build(db: Path, rows: int, spec: ModelSpec) -> float:
             store.write(batch)
         store.flush()
         assert store.count() == rows, store.count()
+        assert wait_indexed(store)
     return time.perf_counter() - start
 
 
-def cold(db: Path, text: str) -> tuple[float, float]:
+def cold(db: Path | str, text: str, token: str | None = None) -> tuple[float, float]:
     """Seconds from spawning ``pixfind search`` to its results on stdout, and to its exit."""
     env = dict(os.environ, PYTHONPATH=SRC, PYTHONWARNINGS="ignore")
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pixfind", "search", text, "--uri", str(db)],
+        [sys.executable, "-m", "pixfind", "search", text, "--uri", str(db), *(["--token", token] if token else [])],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -150,10 +154,12 @@ def breakdown(db: Path, text: str) -> dict[str, float]:
     return data
 
 
-def warm(db: Path, queries: list[str], optimize: bool, warmup: int = 3) -> dict[str, list[float]]:
+def warm(
+    db: Path | str, queries: list[str], optimize: bool, warmup: int = 3, token: str | None = None
+) -> dict[str, list[float]]:
     """Timed in-process searches; ``optimize``: through ``optimize_for_queries()`` (IVF)."""
     times: dict[str, list[float]] = {"search": [], "encode": [], "milvus": []}
-    with ImageIndex(uri=str(db)) as index:
+    with ImageIndex(uri=str(db), token=token) as index:
         if optimize:
             assert index.optimize_for_queries()
         encoder = index.query_encoder()
@@ -186,6 +192,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=40, help="timed warm queries per size per round")
     parser.add_argument("--breakdown", type=int, default=3, help="rounds with a timed-from-inside cold run")
     parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="also the largest size on a Milvus 2.3.5 standalone server (tests/milvus_server.py; "
+        "run .ci/server-setup.sh first): cold and warm, for comparison with Milvus Lite",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -276,6 +288,27 @@ def main() -> None:
             f" to exit {statistics.median(cold_t[n]):.2f} s"
         )
     shutil.rmtree(work, ignore_errors=True)
+    if args.server:
+        on_server(max(sizes), spec, args.rounds, args.queries)
+
+
+def on_server(rows: int, spec: ModelSpec, rounds: int, queries: int) -> None:
+    """Cold and warm queries against a Milvus server holding ``rows`` vectors (HNSW): the server
+    keeps the collection loaded, so a cold search pays no load, unlike a Lite file."""
+    from milvus_server import MilvusServer
+
+    with MilvusServer() as server:
+        took = build(server.uri, rows, spec, server.token)
+        print(f"\nserver: Milvus 2.3.5 standalone, {rows:,} rows written and indexed (HNSW) in {took:.1f} s")
+        shown_t, warm_t = [], []
+        for r in range(rounds):
+            shown_t.append(cold(server.uri, f"a photo of a dog on a beach {r}", server.token)[0])
+            got = warm(server.uri, texts(queries + 3, seed=r * 11 + rows), optimize=False, token=server.token)
+            warm_t.extend(got["search"])
+        print(
+            f"  {rows:>7,}: warm p50 {pct(warm_t, 50):.1f} ms, p95 {pct(warm_t, 95):.1f} ms (n {len(warm_t)}); "
+            f"cold to results {statistics.median(shown_t):.2f} s ({', '.join(f'{x:.2f}' for x in shown_t)})"
+        )
 
 
 if __name__ == "__main__":
