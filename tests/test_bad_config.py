@@ -98,6 +98,8 @@ def test_vector_dimension_unlike_the_record_is_refused(tmp_path: Path, photos: P
     release(uri)
     err = one_line_error(capsys, "index", str(photos), "--uri", uri)
     assert "dimension 384 but stores dimension 512" in err
+    err = one_line_error(capsys, "search", "a dog", "--uri", uri)  # described early, before pymilvus
+    assert "dimension 384 but stores dimension 512" in err
 
 
 def test_foreign_sqlite_database_is_not_touched(tmp_path: Path, photos: Path, capsys) -> None:  # type: ignore[no-untyped-def]
