@@ -23,16 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ModelSpec, Settings
 from .errors import PixfindError
-from .indexer import Indexer, IndexReport, Progress
 from .pathkeys import key_of
-from .search import Hit, candidate_paths, image_vector, nearest, stored_vector, text_vector
 from .store import Store, check_same_model
 
+# The indexer and the query side (numpy, Pillow: ~60 ms) are imported where they are used, so a
+# cold search starts its Milvus Lite engine before paying for them (see Store).
 if TYPE_CHECKING:
     from PIL import Image
 
     from .encoder import ClipEncoder
+    from .indexer import IndexReport, Progress
     from .onnx_encoder import OnnxClipEncoder
+    from .search import Hit
 
     Encoder = ClipEncoder | OnnxClipEncoder
 
@@ -148,6 +150,8 @@ class ImageIndex:
         workers: int | None = None,
     ) -> IndexReport:
         """Index (or re-index, incrementally) image files under ``folders``."""
+        from .indexer import Indexer
+
         if not folders:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
         spec = self.model_spec()  # fail early on a model mismatch, before scanning
@@ -173,22 +177,30 @@ class ImageIndex:
 
     def search(self, text: str, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that match a description, best first."""
+        from .search import nearest, text_vector
+
         encoder = self._query_encoder_soon()
         self._require_rows()
         return nearest(self.store, text_vector(encoder(), text), limit, under)
 
     def search_image(self, image: str | Path | Image.Image, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that look like ``image`` (a file or a PIL image), best first."""
+        from .search import image_vector, nearest
+
         encoder = self._query_encoder_soon()
         self._require_rows()
         return nearest(self.store, image_vector(encoder(), image), limit, under)
 
     def similar(self, path: str, limit: int = 10, under: str | None = None) -> list[Hit]:
         """Images that look like an indexed file, using its stored vector."""
+        from .search import nearest, stored_vector
+
         self._require_rows()
         return nearest(self.store, stored_vector(self.store, path), limit, under)
 
     def contains(self, path: str) -> bool:
+        from .search import candidate_paths
+
         keys = [key_of(p) for p in candidate_paths(path)]
         return self.store.exists() and bool(self.store.lookup(keys))
 

@@ -300,8 +300,6 @@ def _search_via_server(
     """Hits from a ``pixfind serve`` running on the same embedded index, or None."""
     from .config import is_server_uri
     from .remote import REMOTE_MAX_RESULTS, find_server
-    from .remote import search as remote_search
-    from .search import candidate_paths, check_query, resolve_under
 
     settings = Settings.from_env(uri=uri, collection=collection)
     if is_server_uri(settings.uri) or limit > REMOTE_MAX_RESULTS:
@@ -309,6 +307,9 @@ def _search_via_server(
     url = find_server(settings.uri, settings.collection)
     if url is None:
         return None
+    from .remote import search as remote_search
+    from .search import candidate_paths, check_query, resolve_under
+
     if query:
         return remote_search(url, text=check_query(query), limit=limit, under=resolve_under(under))
     return remote_search(url, similar=candidate_paths(str(similar))[1], limit=limit, under=resolve_under(under))

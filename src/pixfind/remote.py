@@ -15,9 +15,11 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode
 
-from .search import Hit
+if TYPE_CHECKING:
+    from .search import Hit  # imported when used: numpy and Pillow must not delay a cold search
 
 #: Most results the web API returns per query; larger ``-k`` searches open the index locally.
 REMOTE_MAX_RESULTS = 200
@@ -106,6 +108,8 @@ def _get_json(address: str) -> list[dict[str, object]]:
 
 
 def _hit(item: dict[str, object]) -> Hit:
+    from .search import Hit
+
     return Hit(
         rank=int(item["rank"]),  # type: ignore[arg-type]
         score=float(item["score"]),  # type: ignore[arg-type]

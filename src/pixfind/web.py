@@ -58,8 +58,9 @@ from .errors import PixfindError, StoreError
 from .images import ImageLoadError, has_image_extension, load_image
 
 if TYPE_CHECKING:
-    from .api import Hit, ImageIndex
+    from .api import ImageIndex
     from .config import Settings
+    from .search import Hit
 
 log = logging.getLogger("pixfind.web")
 
