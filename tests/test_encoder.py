@@ -126,3 +126,49 @@ def test_offline_download_failure_names_the_ways_out(monkeypatch: pytest.MonkeyP
     message = str(caught.value)
     assert "--checkpoint" in message and "PIXFIND_PRETRAINED=none" in message
     assert "\n" not in message
+
+
+@pytest.fixture(scope="module")
+def device_normalising_encoder() -> ClipEncoder:
+    """The GPU's preprocessing path (uint8 pixels, normalised where the model runs), on the CPU."""
+    return ClipEncoder(ModelSpec(SMALL_MODEL, None), "cpu", normalise_on_device=True)
+
+
+def test_pixels_normalised_on_the_device_give_open_clips_vectors(
+    device_normalising_encoder: ClipEncoder, small_encoder: ClipEncoder, tmp_path: Path
+) -> None:
+    encoder = device_normalising_encoder
+    for name, (path, picture) in _write_cases(tmp_path).items():
+        pixels = encoder.preprocess(load_image(path).image)
+        assert pixels.dtype == np.uint8 and pixels.shape == (3, encoder.image_size, encoder.image_size), name
+        ours = encoder.encode_images(pixels[None])[0]
+        reference = reference_image_vector(small_encoder, picture)
+        assert np.abs(ours - reference).max() < 1e-5, name
+    # the transform's float32 output is still accepted (and gives the same vector)
+    picture = draw_photo(3, (517, 233))
+    from_uint8 = encoder.encode_images(encoder.preprocess(picture)[None])
+    from_float = encoder.encode_images(small_encoder.preprocess(picture)[None])
+    assert np.abs(from_uint8 - from_float).max() < 1e-5
+
+
+def test_uint8_pixels_need_a_model_that_normalises_them(small_encoder: ClipEncoder) -> None:
+    assert small_encoder.preprocess(draw_photo(1, (64, 48))).dtype == np.float32  # CPU default
+    with pytest.raises(ValueError, match="uint8"):
+        small_encoder.encode_images(np.zeros((1, 3, 224, 224), dtype=np.uint8))
+
+
+def test_only_the_standard_clip_transform_is_split(small_encoder: ClipEncoder) -> None:
+    from torchvision import transforms as T
+
+    from pixfind.preprocess import clip_normalisation
+
+    size = small_encoder.image_size
+    mean, std = clip_normalisation(small_encoder._transform, size) or ((), ())
+    assert len(mean) == 3 and len(std) == 3
+    assert clip_normalisation(small_encoder._transform, size + 32) is None
+    steps = small_encoder._transform.transforms
+    squashed = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), *steps[1:]])
+    assert clip_normalisation(squashed, size) is None
+    bilinear = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), *steps[1:]])
+    assert clip_normalisation(bilinear, size) is None
+    assert clip_normalisation(T.Compose([*steps, T.RandomHorizontalFlip()]), size) is None

@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
 from .errors import ModelLoadError
+from .preprocess import clip_normalisation, resize_crop
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,7 +46,9 @@ def configure_threads(threads: int | None = None) -> int:
 class ClipEncoder:
     """An open_clip model with its preprocessing and tokenizer."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto") -> None:
+    def __init__(self, spec: ModelSpec, device: str = "auto", normalise_on_device: bool | None = None) -> None:
+        """``normalise_on_device``: hand the model uint8 pixels and normalise them where it runs
+        (None: on a GPU, when the transform is the standard CLIP one)."""
         import torch
 
         self.spec = spec
@@ -58,6 +61,7 @@ class ClipEncoder:
         self._torch = torch
         size = getattr(self.model.visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._device_norm = self._normalisation_tensors(normalise_on_device)
         self.dim = int(self.encode_texts(["a photo"]).shape[1])
         self._trim_text = can_trim_text(self.model)
 
@@ -70,19 +74,47 @@ class ClipEncoder:
         """Inference keeps every core busy (on the CPU, a torch thread per core)."""
         return self.device == "cpu" and self._torch.get_num_threads() >= cpu_cores()
 
+    def _normalisation_tensors(self, wanted: bool | None) -> tuple[Any, Any] | None:
+        """(mean, std) on the model's device, shaped (1, 3, 1, 1), when pixels are normalised there."""
+        if wanted is False or (wanted is None and not self.device.startswith("cuda")):
+            return None
+        found = clip_normalisation(self._transform, self.image_size)
+        if found is None:
+            return None  # another pipeline: the model's own transform, on the CPU
+        torch = self._torch
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) for v in found)
+        return mean, std
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """The model's own transform (resize, crop, normalise) as a float32 CHW array."""
+        """The model's transform as a CHW array: uint8 (resized and cropped; normalised in
+        :meth:`encode_images`, on the device) when the model normalises on its device, else the
+        transform's float32 output.
+
+        On a GPU the decode threads are the bottleneck: the float32 half of the transform (torch
+        ops run from many threads at once) cut their throughput, and four times the bytes then
+        crossed to the GPU (measured in benchmarks/gpu.py)."""
+        if self._device_norm is not None:
+            return resize_crop(image, self.image_size)
         return self._transform(image).numpy()
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
+        """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim): uint8
+        pixels from :meth:`preprocess`, or float32 ones already normalised."""
         torch = self._torch
         batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-        if self.half:
-            batch = batch.half()
         with torch.inference_mode():
+            if batch.dtype == torch.uint8:
+                batch = self._normalise(batch)
+            if self.half:
+                batch = batch.half()
             features = self.model.encode_image(batch)
         return normalise_rows(features.float().cpu().numpy())
+
+    def _normalise(self, batch: Any) -> Any:
+        if self._device_norm is None:
+            raise ValueError("uint8 pixels given to a model that expects its transform's float32 output")
+        mean, std = self._device_norm
+        return (batch.float() / 255.0 - mean) / std
 
     def tokenize(self, texts: list[str]) -> Any:
         return self._tokenizer(texts)

@@ -35,6 +35,7 @@ import numpy as np
 from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
 from .encoder import draft_side_for, normalise_rows  # numpy only: no torch import
 from .errors import ModelLoadError
+from .preprocess import clip_normalisation, normalise, resize_crop
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -188,24 +189,7 @@ class OnnxClipEncoder:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """open_clip's transform (shortest side to ``image_size`` bicubic, centre crop, scale,
         normalise) in Pillow + numpy; equal to torchvision's output (checked at export)."""
-        from PIL import Image
-
-        size = self.image_size
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        w, h = image.size
-        if w <= h:
-            new_w, new_h = size, int(size * h / w)
-        else:
-            new_w, new_h = int(size * w / h), size
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.BICUBIC)
-        left = round((new_w - size) / 2.0)
-        top = round((new_h - size) / 2.0)
-        if (new_w, new_h) != (size, size):
-            image = image.crop((left, top, left + size, top + size))
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
-        return (array - self._mean) / self._std
+        return normalise(resize_crop(image, self.image_size), self._mean, self._std)
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
@@ -548,26 +532,11 @@ def _export(module: Any, sample: Any, path: Path, name: str, axes: dict[int, str
 
 def _preprocess_config(encoder: ClipEncoder) -> dict[str, Any]:
     """Read open_clip's transform; refuse any pipeline the numpy version does not reproduce."""
-    from torchvision import transforms as T
-
-    steps = list(getattr(encoder._transform, "transforms", []))
-    kinds = [type(s).__name__ for s in steps]
-    expected = ["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"]
-    allowed = [k for k in kinds if k not in ("MaybeConvertMode", "_convert_to_rgb")]
-    if allowed != [e for e in expected if e != "MaybeConvertMode"]:
-        raise ModelLoadError(f"unsupported preprocessing pipeline {kinds}")
-    resize, crop, normalize = steps[0], steps[1], steps[-1]
-    size = resize.size if isinstance(resize.size, int) else None
-    if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
-        size = resize.size[0]
-    if (
-        size != encoder.image_size
-        or resize.interpolation != T.InterpolationMode.BICUBIC
-        or resize.max_size is not None
-        or tuple(crop.size) != (encoder.image_size, encoder.image_size)
-    ):
-        raise ModelLoadError(f"unsupported resize/crop {resize} {crop}")
-    return {"mean": [float(v) for v in normalize.mean], "std": [float(v) for v in normalize.std]}
+    found = clip_normalisation(encoder._transform, encoder.image_size)
+    if found is None:
+        raise ModelLoadError(f"unsupported preprocessing pipeline {encoder._transform}")
+    mean, std = found
+    return {"mean": list(mean), "std": list(std)}
 
 
 def _tokenizer_config(encoder: ClipEncoder, work: Path) -> dict[str, Any] | None:
