@@ -477,6 +477,34 @@ def test_decoding_waits_for_a_model_that_fills_the_cpu(
         assert encoder.decodes_during_inference > 0
 
 
+class _BatchRecorder(_SlowEncoder):
+    """A model "on" ``device`` that records the size of every batch it is given."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(fills_cpu=False)
+        self.device = device
+        self.batches: list[int] = []
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        self.batches.append(len(pixels))
+        return np.ones((len(pixels), 4), dtype=np.float32) / 2
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cuda:0", 256), ("cpu", 16)])
+def test_default_batch_follows_the_models_device(device: str, expected: int, make_images, tmp_path: Path) -> None:
+    """The settings say device "auto" (the default): the batch size is chosen once the model is
+    loaded, from where it runs (a GPU once got CPU-sized batches of 16 here)."""
+    from pixfind import ImageIndex
+
+    make_images(tmp_path / "photos", 300)
+    encoder = _BatchRecorder(device)
+    with ImageIndex(uri=str(tmp_path / "i.db"), encoder=encoder, model=encoder.spec) as index:
+        assert index.settings.device == "auto"
+        report = index.add(tmp_path / "photos")
+    assert report.new == 300
+    assert max(encoder.batches) == expected and sum(encoder.batches) == 300
+
+
 def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
@@ -487,3 +515,5 @@ def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPa
     assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=True)) == 8  # turns: all cores
     assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=False)) == 4  # beside a CPU model
     assert indexer.default_workers(SimpleNamespace()) == 4  # an encoder of the caller's that does not say
+    assert indexer.default_batch(SimpleNamespace(device="cuda:1")) == 256
+    assert indexer.default_batch(SimpleNamespace()) == 16

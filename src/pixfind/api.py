@@ -162,7 +162,7 @@ class ImageIndex:
         indexer = Indexer(
             self.store,
             lambda: self.encoder,
-            batch_size=batch_size or self.settings.batch_size or _default_batch(self.settings.device),
+            batch_size=batch_size or self.settings.batch_size,  # None: per the loaded model's device
             workers=workers or self.settings.workers,
             draft=self.settings.draft,
             progress=progress,
@@ -283,10 +283,6 @@ def _spec_from_args(
         else (base.pretrained if env is not None else DEFAULT_PRETRAINED)
     )
     return ModelSpec(name=name, pretrained=tag)
-
-
-def _default_batch(device: str) -> int:
-    return 256 if device.startswith("cuda") else 16
 
 
 def _disk_size(uri: str) -> int:

@@ -125,10 +125,20 @@ class _Prepared:
 
 def default_workers(encoder: Encoder) -> int:
     """Decode threads. A model on the GPU leaves the CPU to decoding, and one that fills the CPU
-    leaves it between batches (decoded quickly on every core): one per core. A CPU model on
-    fewer threads: one per two cores, beside it (draft decoding costs ~1/6 of a CPU inference)."""
-    on_gpu = str(getattr(encoder, "device", "cpu")).startswith("cuda")
-    return cpu_cores() if on_gpu or _fills_cpu(encoder) else max(1, cpu_cores() // 2)
+    leaves it between batches (decoded quickly on every core): one per core (on a 16-core GPU
+    machine 24 or 32 threads were slower: benchmarks/gpu.py). A CPU model on fewer threads: one
+    per two cores, beside it (draft decoding costs ~1/6 of a CPU inference)."""
+    return cpu_cores() if _on_gpu(encoder) or _fills_cpu(encoder) else max(1, cpu_cores() // 2)
+
+
+def default_batch(encoder: Encoder) -> int:
+    """Images per model call: 256 on a GPU (fp16 ViT-B-32 reaches its rate there), 16 on the
+    CPU (larger batches are no faster there, and look further ahead in memory)."""
+    return 256 if _on_gpu(encoder) else 16
+
+
+def _on_gpu(encoder: Encoder) -> bool:
+    return str(getattr(encoder, "device", "cpu")).startswith("cuda")
 
 
 class CpuTurns:
@@ -186,7 +196,7 @@ class Indexer:
         store: Store,
         get_encoder: Callable[[], Encoder],
         *,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         workers: int | None = None,
         draft: bool = True,
         progress: Progress | None = None,
@@ -194,7 +204,7 @@ class Indexer:
     ) -> None:
         self.store = store
         self._get_encoder = get_encoder
-        self.batch_size = max(1, batch_size)
+        self.batch_size = max(1, batch_size) if batch_size else None  # None: default_batch()
         self.workers = workers  # None: default_workers()
         self._turns = CpuTurns()
         self.draft = draft
@@ -291,15 +301,16 @@ class Indexer:
 
     def _embed(self, todo: list[_Todo], report: IndexReport) -> None:
         encoder = self._get_encoder()
+        batch_size = self.batch_size or default_batch(encoder)
         self.store.ensure(encoder.spec, encoder.dim)
         self.progress.start_embedding(len(todo))
         started = time.perf_counter()
         pending: list[Row] = []
         batch: list[_Prepared] = []
-        prepared_files = self._prepare_all(todo, encoder, report)
+        prepared_files = self._prepare_all(todo, encoder, report, batch_size)
         for prepared in prepared_files:
             batch.append(prepared)
-            if len(batch) >= self.batch_size:
+            if len(batch) >= batch_size:
                 pending.extend(self._encode(batch, encoder, report))
                 batch = []
                 if len(pending) >= WRITE_EVERY:
@@ -340,12 +351,14 @@ class Indexer:
         self.progress.embedded(len(batch))
         return rows
 
-    def _prepare_all(self, todo: list[_Todo], encoder: Encoder, report: IndexReport) -> Iterator[_Prepared]:
+    def _prepare_all(
+        self, todo: list[_Todo], encoder: Encoder, report: IndexReport, batch_size: int
+    ) -> Iterator[_Prepared]:
         """Decode in a thread pool, at most ``lookahead`` files ahead of the model, in order."""
         min_side = encoder.draft_side if self.draft else None
         self._turns.enabled = _fills_cpu(encoder)
         workers = self.workers or default_workers(encoder)
-        lookahead = max(2 * self.batch_size, 4 * workers)
+        lookahead = max(2 * batch_size, 4 * workers)
         queue: deque[Future[_Prepared | tuple[str, str]]] = deque()
         items = iter(todo)
         with ThreadPoolExecutor(workers, thread_name_prefix="pixfind-decode") as pool:
