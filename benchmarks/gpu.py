@@ -1,20 +1,31 @@
-"""Indexing on a GPU: fp16 model-only images/s at large batches, end-to-end ``ImageIndex.add`` with
-its decode pool, and the GPU's utilisation during each (sampled with ``nvidia-smi``).
+"""Indexing on a GPU: fp16 model-only images/s at large batches, how fast the CPU cores decode,
+end-to-end ``ImageIndex.add`` with its decode pool, and the GPU's utilisation during each
+(sampled with ``nvidia-smi``).
 
 For a session lent a GPU machine (the device tool): one prepared run, e.g.
 
-    PYTHONPATH=src python benchmarks/gpu.py --make 3000 --batches 64,256,512
+    PYTHONPATH=src python benchmarks/gpu.py --make 12000 --batches 64,256,512,1024
 
-On a machine without CUDA it stops with one line; ``--device cpu --make 24 --batches 8 --seconds 2``
-is a smoke test of the script itself. Random weights (``pretrained=None``): same compute as real
-ones. Photos: ``--photos DIR`` (e.g. a carried subset of ``benchmarks/photos.py``'s set) or
-``--make N`` JPEGs drawn here at 0.3-12 MP (gradients and noise: decoding costs like a photo's,
-the content does not matter for speed).
+On a machine without CUDA it stops with one line; ``--device cpu --make 48 --distinct 8
+--batches 8 --seconds 2`` is a smoke test of the script itself. Random weights
+(``pretrained=None``): same compute as real ones. Photos: ``--photos DIR`` (e.g. a carried subset
+of ``benchmarks/photos.py``'s set) or ``--make N`` JPEGs: ``--distinct`` of them drawn here at
+0.3-12 MP (gradients and noise: decoding costs like a photo's, the content does not matter for
+speed), the rest byte copies of those with a few unique bytes after the JPEG's end marker, so
+that every file has its own fingerprint (the indexer would otherwise reuse a copy's vector) and
+costs what its original costs to decode.
+
+Printed, in order: model-only images/s per batch size (pixels copied from host memory, as when
+indexing, and already on the GPU); decode + preprocess images/s on the CPU with pixfind's decode
+(draft mode + the model's transform) in threads and in processes; nvJPEG (torchvision) decode
+rate as a lead; end-to-end images/s, with its ratios to model-only and to the CPU's decode rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -24,8 +35,10 @@ import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,11 +100,168 @@ def draw_jpeg(args: tuple[Path, int]) -> None:
     Image.fromarray(pixels).save(path, quality=int(rng.integers(70, 96)))
 
 
-def make_photos(folder: Path, count: int) -> None:
+def make_photos(folder: Path, count: int, distinct: int) -> None:
+    """``distinct`` drawn JPEGs, then copies up to ``count`` files, each with its own trailer."""
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(folder / f"synthetic_{i:05d}.jpg", i) for i in range(count)]
+    distinct = min(distinct, count)
+    drawn = [folder / f"synthetic_{i:05d}.jpg" for i in range(distinct)]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(draw_jpeg, jobs, chunksize=8))
+        list(pool.map(draw_jpeg, [(path, i) for i, path in enumerate(drawn)], chunksize=4))
+    originals = [path.read_bytes() for path in drawn]
+    for i in range(distinct, count):
+        trailer = f"pixfind-benchmark-copy-{i}".encode()
+        (folder / f"synthetic_{i:05d}.jpg").write_bytes(originals[i % distinct] + trailer)
+
+
+# -- decode on the CPU, as the indexer does it ---------------------------------------------------
+
+_PREPROCESS: Callable[[Any], np.ndarray] | None = None
+_MIN_SIDE: int | None = None
+
+
+class TorchTransform:
+    """The model's whole torchvision transform to float32 (pixfind's GPU path before uint8)."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> np.ndarray:
+        return self.transform(image).numpy()
+
+
+def _init_decoder(preprocess: Callable[[Any], np.ndarray], min_side: int | None) -> None:
+    global _PREPROCESS, _MIN_SIDE
+    _PREPROCESS, _MIN_SIDE = preprocess, min_side
+
+
+def decode_one(path: str) -> int:
+    """pixfind's decode (draft mode) and a preprocessing; the array stays in the worker."""
+    from pixfind.images import load_image
+
+    assert _PREPROCESS is not None
+    loaded = load_image(path, min_side=_MIN_SIDE)
+    return int(_PREPROCESS(loaded.image).shape[0])
+
+
+def decode_rate(pool: Executor, files: list[str], warm: int) -> float:
+    list(pool.map(decode_one, files[:warm]))  # start the workers
+    began = time.perf_counter()
+    list(pool.map(decode_one, files, chunksize=1 if isinstance(pool, ThreadPoolExecutor) else 8))
+    return len(files) / (time.perf_counter() - began)
+
+
+def threads_rate(preprocess: Callable[[Any], np.ndarray], min_side: int, files: list[str], workers: int) -> float:
+    _init_decoder(preprocess, min_side)
+    with ThreadPoolExecutor(workers) as threads:
+        return decode_rate(threads, files, 2 * workers)
+
+
+def processes_rate(preprocess: Callable[[Any], np.ndarray], min_side: int, files: list[str], workers: int) -> float:
+    """Spawned workers that import no torch: ``preprocess`` must be picklable and torch-free."""
+    context = multiprocessing.get_context("spawn")
+    initargs = (preprocess, min_side)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_decoder, initargs=initargs) as procs:
+        return decode_rate(procs, files, 4 * workers)
+
+
+def decode_rates(encoder: Any, files: list[str], worker_counts: list[int]) -> dict[str, float]:
+    """Decode + preprocess images/s: threads with the whole torch transform (float32 on the CPU,
+    as before), threads with pixfind's own preprocessing (uint8 for a GPU model), and torch-free
+    processes with the uint8 preprocessing."""
+    from pixfind.preprocess import resize_crop
+
+    side, cores = encoder.draft_side, max(worker_counts)
+    rates: dict[str, float] = {}
+
+    def show(label: str, rate: float) -> None:
+        rates[label] = rate
+        print(f"decode + preprocess, {label:34s} {rate:8.1f} images/s", flush=True)
+
+    show(
+        f"{cores} threads, torch transform float32",
+        threads_rate(TorchTransform(encoder._transform), side, files, cores),
+    )
+    for workers in worker_counts:
+        show(f"{workers} threads, pixfind preprocess", threads_rate(encoder.preprocess, side, files, workers))
+    uint8 = functools.partial(resize_crop, size=encoder.image_size)
+    show(f"{cores} processes, uint8 resize+crop", processes_rate(uint8, side, files, cores))
+    return rates
+
+
+def nvjpeg_rate(files: list[str], batch: int = 64) -> float | None:
+    """Full-size JPEG decode on the GPU (torchvision's nvJPEG), a lead for a GPU decode path."""
+    try:
+        import torch
+        from torchvision.io import decode_jpeg
+
+        data = [torch.frombuffer(bytearray(Path(f).read_bytes()), dtype=torch.uint8) for f in files]
+        decode_jpeg(data[:batch], device="cuda")
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for start in range(0, len(data), batch):
+            decode_jpeg(data[start : start + batch], device="cuda")
+        torch.cuda.synchronize()
+        return len(data) / (time.perf_counter() - began)
+    except Exception as exc:  # a lead only: any failure is reported and skipped
+        print(f"nvJPEG decode: not measured ({type(exc).__name__}: {exc})")
+        return None
+
+
+# -- the model alone -------------------------------------------------------------------------------
+
+
+def timed(step: Callable[[], None], batch: int, seconds: float, sync: Callable[[], None]) -> float:
+    step()
+    sync()
+    began, done = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        step()
+        done += batch
+    sync()
+    return done / (time.perf_counter() - began)
+
+
+def model_only(encoder: Any, batches: list[int], seconds: float) -> dict[int, float]:
+    """Images/s per batch: float32 pixels from host memory (the old path), uint8 from host memory
+    (what the indexer hands a GPU model now), and pixels already on the device (the model alone)."""
+    import torch
+
+    on_gpu = str(encoder.device).startswith("cuda")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    rates: dict[int, float] = {}
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        as_uint8 = rng.integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
+        rate_float = timed(lambda p=pixels: encoder.encode_images(p), batch, seconds / 2, sync)
+        if encoder.preprocess(_probe_image()).dtype == np.uint8:
+            with GpuUtilisation() as gpu:
+                rates[batch] = timed(lambda p=as_uint8: encoder.encode_images(p), batch, seconds, sync)
+        else:
+            rates[batch] = rate_float
+            gpu = GpuUtilisation()
+        resident = torch.from_numpy(pixels).to(encoder.device)
+        resident = resident.half() if encoder.half else resident
+
+        def on_device(x: Any = resident) -> None:
+            with torch.inference_mode():
+                encoder.model.encode_image(x)
+
+        rate_resident = timed(on_device, batch, seconds / 2, sync)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0
+        print(
+            f"model only, batch {batch:4d}: {rates[batch]:8.1f} images/s from uint8 in host memory "
+            f"(GPU busy {fmt(gpu.median)}); {rate_float:8.1f} from float32; {rate_resident:8.1f} with the "
+            f"pixels already on the device; peak GPU memory {peak:.1f} GiB",
+            flush=True,
+        )
+    return rates
+
+
+def _probe_image() -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (300, 200))
 
 
 def fmt(value: float | None, unit: str = "%") -> str:
@@ -102,12 +272,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--batches", default="64,256,512", help="model-only batch sizes")
+    parser.add_argument("--batches", default="64,256,512,1024", help="model-only batch sizes")
     parser.add_argument("--e2e-batch", type=int, default=256, help="batch size of the end-to-end run")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per model-only measurement")
+    parser.add_argument(
+        "--e2e-workers", default="", help="decode threads of each end-to-end run, e.g. 16,24 (default: pixfind's)"
+    )
+    parser.add_argument("--seconds", type=float, default=4.0, help="per model-only measurement")
+    parser.add_argument("--decode-files", type=int, default=3000, help="files in each decode-only measurement")
+    parser.add_argument("--skip-decode", action="store_true", help="no decode-only measurements")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--photos", type=Path, help="folder of images to index")
-    source.add_argument("--make", type=int, metavar="N", help="draw N synthetic JPEGs to index")
+    source.add_argument("--make", type=int, metavar="N", help="make N synthetic JPEGs to index")
+    parser.add_argument("--distinct", type=int, default=600, help="with --make: how many are drawn")
     args = parser.parse_args()
 
     import torch
@@ -118,26 +294,19 @@ def main() -> int:
     from pixfind import ImageIndex
     from pixfind.config import ModelSpec, cpu_cores
     from pixfind.encoder import ClipEncoder
+    from pixfind.indexer import default_workers
 
     spec = ModelSpec(args.model, None)
     began = time.perf_counter()
     encoder = ClipEncoder(spec, args.device)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    on_gpu = args.device.startswith("cuda")
+    name = torch.cuda.get_device_name() if on_gpu else "CPU"
     ready = time.perf_counter() - began
-    print(f"{name}; {cpu_cores()} CPU cores; {args.model} fp16={encoder.half}, ready in {ready:.1f} s")
+    cores = cpu_cores()
+    print(f"{name}; {cores} CPU cores; torch {torch.__version__}; {args.model}, fp16={encoder.half}")
+    print(f"model ready in {ready:.1f} s")
 
-    model_only: dict[int, float] = {}
-    for batch in [int(b) for b in args.batches.split(",")]:
-        pixels = np.random.default_rng(batch).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-        encoder.encode_images(pixels)  # warm up (kernels, allocator)
-        with GpuUtilisation() as gpu:
-            began, done = time.perf_counter(), 0
-            while time.perf_counter() - began < args.seconds:
-                encoder.encode_images(pixels)  # host -> device copy included, as when indexing
-                done += batch
-            rate = done / (time.perf_counter() - began)
-        model_only[batch] = rate
-        print(f"model only, batch {batch:4d}: {rate:8.1f} images/s, GPU busy {fmt(gpu.median)}", flush=True)
+    rates = model_only(encoder, [int(b) for b in args.batches.split(",")], args.seconds)
 
     work = Path(tempfile.mkdtemp(prefix="pixfind-gpu-"))
     try:
@@ -145,17 +314,37 @@ def main() -> int:
         if folder is None:
             folder = work / "photos"
             began = time.perf_counter()
-            make_photos(folder, args.make)
-            print(f"drew {args.make} JPEGs in {time.perf_counter() - began:.1f} s", flush=True)
-        with GpuUtilisation() as gpu, ImageIndex(uri=str(work / "gpu.db"), encoder=encoder, model=spec) as index:
-            report = index.add(folder, batch_size=args.e2e_batch)
-        reference = model_only.get(args.e2e_batch) or max(model_only.values())
-        print(
-            f"end to end (decode pool + encode + Milvus Lite), batch {args.e2e_batch}: "
-            f"{report.embedded} images, {report.images_per_s:.1f} images/s "
-            f"= {report.images_per_s / reference:.2f} of model-only; GPU busy {fmt(gpu.median)} "
-            f"(median over the whole run); failed {len(report.failed)}"
-        )
+            make_photos(folder, args.make, args.distinct)
+            took = time.perf_counter() - began
+            print(f"made {args.make} JPEGs ({args.distinct} drawn) in {took:.1f} s", flush=True)
+        files = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        sample = files[: args.decode_files]
+        counts = sorted({max(1, cores // 4), max(1, cores // 2), cores})
+        if args.skip_decode:
+            cpu_limit = threads_rate(encoder.preprocess, encoder.draft_side, sample, cores)
+            print(f"decode + preprocess, {cores} threads, pixfind preprocess: {cpu_limit:8.1f} images/s", flush=True)
+        else:
+            decoded = decode_rates(encoder, sample, counts)
+            cpu_limit = decoded[f"{cores} threads, pixfind preprocess"]
+        if on_gpu and not args.skip_decode:
+            rate = nvjpeg_rate(sample[:1000])
+            if rate is not None:
+                print(f"nvJPEG decode (full size, batches of 64, no resize): {rate:8.1f} images/s", flush=True)
+
+        reference = rates.get(args.e2e_batch) or max(rates.values())
+        pools = [int(w) for w in args.e2e_workers.split(",")] if args.e2e_workers else [default_workers(encoder)]
+        for run, workers in enumerate(pools):
+            uri = str(work / f"gpu-{run}.db")
+            with GpuUtilisation() as gpu, ImageIndex(uri=uri, encoder=encoder, model=spec) as index:
+                report = index.add(folder, batch_size=args.e2e_batch, workers=workers)
+            print(
+                f"end to end (decode pool of {workers} threads + encode + Milvus Lite), batch {args.e2e_batch}: "
+                f"{report.embedded} images in {report.elapsed_s:.1f} s, {report.images_per_s:.1f} images/s "
+                f"= {report.images_per_s / reference:.2f} of model-only, "
+                f"{report.images_per_s / cpu_limit:.2f} of the {cores}-thread decode rate; "
+                f"GPU busy {fmt(gpu.median)} (median over the whole run); failed {len(report.failed)}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
