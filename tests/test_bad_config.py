@@ -81,7 +81,7 @@ def test_vector_dimension_unlike_the_record_is_refused(tmp_path: Path, photos: P
     from pixfind.store import CollectionInfo
 
     uri = str(tmp_path / "dim.db")
-    record = CollectionInfo(ModelSpec("ViT-S-32", None), dim=384).to_description()
+    record = CollectionInfo(ModelSpec("ViT-S-32", None), dim=384, schema=1).to_description()
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=record)
     schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=512)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=512)  # not what the record says

@@ -505,6 +505,31 @@ def test_default_batch_follows_the_models_device(device: str, expected: int, mak
     assert max(encoder.batches) == expected and sum(encoder.batches) == 300
 
 
+def test_an_index_made_with_schema_1_keeps_working(make_images, tmp_path: Path) -> None:
+    """A collection made before schema 2: indexed into, re-indexed, a renamed file reuses its
+    vector, searches return sizes; it keeps its five typed fields."""
+    from pixfind import ImageIndex
+    from pixfind.store import CollectionInfo, Store
+
+    uri = str(tmp_path / "old.db")
+    encoder = _BatchRecorder("cpu")
+    with Store(uri) as store:
+        store._create(CollectionInfo(encoder.spec, encoder.dim, schema=1))
+    folder = tmp_path / "photos"
+    make_images(folder, 6)
+    with ImageIndex(uri=uri, encoder=encoder, model=encoder.spec) as index:
+        assert index.add(folder).new == 6
+        assert index.add(folder).unchanged == 6
+        first = sorted(folder.iterdir())[0]
+        first.rename(folder / "renamed.jpg")
+        report = index.add(folder)
+        assert (report.moved, report.new) == (1, 0) and index.store.count() == 6  # the old path is gone
+        hits = index.store.search([np.ones(4, dtype=np.float32).tolist()], 10)[0]
+        assert len(hits) == 6 and all(h.width > 0 and h.size > 0 for h in hits)
+        info = index.store.info()
+        assert info is not None and info.schema == 1
+
+
 def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 

@@ -197,6 +197,34 @@ def test_collections_made_with_cosine_keep_working(backend: Backend, monkeypatch
         assert store.count() == len(paths)
 
 
+@pytest.mark.parametrize("schema", [1, 2])
+def test_both_record_layouts_are_read_and_written(backend: Backend, schema: int) -> None:
+    """Schema 2 keeps a file's record in one JSON field; collections made with schema 1 (five
+    typed fields) keep their layout and work the same."""
+    paths = [f"/layout/{i}.jpg" for i in range(12)]
+    with backend.store() as store:
+        store._create(store_mod.CollectionInfo(MODEL, DIM, schema=schema))
+    with backend.store() as store:
+        info = store.info()
+        assert info is not None and info.schema == schema
+        fields = {f["name"] for f in store.client.describe_collection(store.collection)["fields"]}
+        expected = {"path", "vector", "meta"} if schema == 2 else {"path", "vector", *store_mod.FILE_FIELDS}
+        assert fields == expected
+        rows = rows_for(paths)
+        store.write(rows)
+        found = store.lookup([key_of(paths[4])])[key_of(paths[4])]
+        assert (found.size, found.mtime_ns, found.fingerprint) == (rows[4].size, rows[4].mtime_ns, rows[4].fingerprint)
+        moved = store.find_by_fingerprint([rows[7].fingerprint, "no-such-print"])
+        assert list(moved) == [rows[7].fingerprint]
+        (candidate,) = moved[rows[7].fingerprint]
+        assert candidate["path"] == key_of(paths[7]) and candidate["size"] == rows[7].size
+        assert (candidate["width"], candidate["height"]) == (640, 480)
+        assert np.allclose(candidate["vector"], rows[7].vector, atol=1e-6)
+        hit = store.search([rows[3].vector], 3)[0][0]
+        assert (hit.path, hit.width, hit.height, hit.size) == (paths[3], 640, 480, rows[3].size)
+        assert store.delete([key_of(paths[0])]) == 1 and store.count() == len(paths) - 1
+
+
 def test_unit_normalises_only_what_is_not_unit() -> None:
     exact = vectors(1)[0]
     assert store_mod.unit(exact) == [float(x) for x in exact]  # bit for bit

@@ -1,14 +1,20 @@
 """Where vectors are written and searched: one Milvus collection, embedded (Lite) or on a server.
 
-Schema (version 1), explicit, no dynamic fields:
+Schema (version 2), explicit, no dynamic fields:
 
     path         VARCHAR  primary key: the file's absolute path (see pathkeys for the few escapes)
     vector       FLOAT_VECTOR(dim), unit length, inner product (= cosine; older files: COSINE)
-    size         INT64    bytes          } together with mtime: "has this file changed?"
-    mtime_ns     INT64    nanoseconds    }
-    width        INT32    pixels as displayed (EXIF rotation applied)
-    height       INT32
-    fingerprint  VARCHAR  hash of size + first and last 64 KiB: finds renamed or moved files
+    meta         JSON     the file's record:
+        size         bytes          } together with mtime: "has this file changed?"
+        mtime_ns     nanoseconds    }
+        width        pixels as displayed (EXIF rotation applied)
+        height
+        fingerprint  hash of size + first and last 64 KiB: finds renamed or moved files
+
+Version 1 (collections made before) had the five as typed fields of their own. Milvus Lite
+loads a collection field by field and row by row, only when first asked, and a cold search waits
+for that: at 100k rows it took 1.27 s with the five fields and 1.02 s with one JSON field
+(docs/speed.md). Both layouts are read and written; a collection keeps the one it was made with.
 
 The collection's description holds JSON recording the app, schema version, model, weights and
 dimension, so a collection is never filled or searched with vectors from another model.
@@ -35,10 +41,13 @@ from .config import ModelSpec, default_search_ef, is_server_uri, search_ef_from
 from .errors import IndexLockedError, ModelMismatchError, StoreError
 from .pathkeys import MAX_KEY_BYTES, folder_prefix_filter, keys_filter, path_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APP = "pixfind"
 VECTOR = "vector"
-META_FIELDS = ["path", "size", "mtime_ns", "width", "height", "fingerprint"]
+META = "meta"
+#: The file's record: one JSON field ``meta`` from schema 2, fields of their own in schema 1.
+FILE_FIELDS = ("size", "mtime_ns", "width", "height", "fingerprint")
+HIT_FIELDS_V1 = ["width", "height", "size"]
 
 #: The vector metric of new collections. Vectors are unit length (encoders normalise; the store
 #: normalises anything that is not), so inner product *is* the cosine, and Milvus Lite's exact
@@ -132,16 +141,28 @@ class Row:
     height: int
     fingerprint: str
 
-    def to_entity(self) -> dict[str, Any]:
-        return {
-            "path": self.key,
-            VECTOR: unit(self.vector),
+    def to_entity(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
+        record = {
             "size": self.size,
             "mtime_ns": self.mtime_ns,
             "width": self.width,
             "height": self.height,
             "fingerprint": self.fingerprint,
         }
+        if schema >= 2:
+            return {"path": self.key, VECTOR: unit(self.vector), META: record}
+        return {"path": self.key, VECTOR: unit(self.vector), **record}
+
+
+def record_fields(schema: int) -> list[str]:
+    """The output fields that hold a file's record in a collection of ``schema``."""
+    return [META] if schema >= 2 else list(FILE_FIELDS)
+
+
+def flat_record(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read from either layout, with the record's entries at its top level."""
+    record = row.get(META)
+    return {**row, **record} if isinstance(record, dict) else row
 
 
 def unit(vector: Sequence[float]) -> list[float]:
@@ -443,14 +464,14 @@ class Store:
                     f"collection {self.collection!r} has schema v{info.schema}, newer than this "
                     f"pixfind (v{SCHEMA_VERSION}): upgrade pixfind"
                 )
-            self._check_fields(description)
+            self._check_fields(description, info.schema)
             _check_vector_dim(description, info, self.collection)
             self._info = info
         return self._info
 
-    def _check_fields(self, description: dict[str, Any]) -> None:
+    def _check_fields(self, description: dict[str, Any], schema: int) -> None:
         names = {f["name"] for f in description.get("fields", [])}
-        missing = {*META_FIELDS, VECTOR} - names
+        missing = {"path", VECTOR, *record_fields(schema)} - names
         if missing:
             raise StoreError(
                 f"collection {self.collection!r} lacks fields {sorted(missing)}: it is damaged or "
@@ -477,11 +498,14 @@ class Store:
         )
         schema.add_field("path", DataType.VARCHAR, is_primary=True, max_length=MAX_KEY_BYTES)
         schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=info.dim)
-        schema.add_field("size", DataType.INT64)
-        schema.add_field("mtime_ns", DataType.INT64)
-        schema.add_field("width", DataType.INT32)
-        schema.add_field("height", DataType.INT32)
-        schema.add_field("fingerprint", DataType.VARCHAR, max_length=64)
+        if info.schema >= 2:
+            schema.add_field(META, DataType.JSON)
+        else:  # only made by tests now, to check that such collections keep working
+            schema.add_field("size", DataType.INT64)
+            schema.add_field("mtime_ns", DataType.INT64)
+            schema.add_field("width", DataType.INT32)
+            schema.add_field("height", DataType.INT32)
+            schema.add_field("fingerprint", DataType.VARCHAR, max_length=64)
         index = self.client.prepare_index_params()
         index.add_index(VECTOR, **self._index_config())
         self._call(
@@ -549,35 +573,40 @@ class Store:
 
     # -- rows -----------------------------------------------------------------------------------
 
+    def _schema(self) -> int:
+        """The layout of the collection (new ones: :data:`SCHEMA_VERSION`)."""
+        info = self.info()
+        return info.schema if info is not None else SCHEMA_VERSION
+
     def lookup(self, keys: Sequence[str]) -> dict[str, StoredFile]:
         """Stored size/mtime/fingerprint for those of ``keys`` that are in the index."""
         found: dict[str, StoredFile] = {}
+        fields = ["path", *record_fields(self._schema())]
         for start in range(0, len(keys), LOOKUP_BATCH):
             chunk = list(keys[start : start + LOOKUP_BATCH])
             rows = self._call(
-                self.client.query,
-                self.collection,
-                filter=keys_filter(chunk),
-                output_fields=["path", "size", "mtime_ns", "fingerprint"],
-                **self._reads(),
+                self.client.query, self.collection, filter=keys_filter(chunk), output_fields=fields, **self._reads()
             )
-            for row in rows:
+            for row in map(flat_record, rows):
                 found[row["path"]] = StoredFile(row["size"], row["mtime_ns"], row["fingerprint"])
         return found
 
     def find_by_fingerprint(self, fingerprints: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-        """Rows (with vectors) whose fingerprint is one of ``fingerprints``: rename candidates."""
+        """Rows (with vectors, the record's entries at the top level) whose fingerprint is one of
+        ``fingerprints``: rename candidates."""
         out: dict[str, list[dict[str, Any]]] = {}
+        schema = self._schema()
+        field = f'{META}["fingerprint"]' if schema >= 2 else "fingerprint"
         for start in range(0, len(fingerprints), LOOKUP_BATCH):
             chunk = list(fingerprints[start : start + LOOKUP_BATCH])
             rows = self._call(
                 self.client.query,
                 self.collection,
-                filter=keys_filter(chunk, field="fingerprint"),
-                output_fields=[*META_FIELDS, VECTOR],
+                filter=keys_filter(chunk, field=field),
+                output_fields=["path", *record_fields(schema), VECTOR],
                 **self._reads(),
             )
-            for row in rows:
+            for row in map(flat_record, rows):
                 out.setdefault(row["fingerprint"], []).append(row)
         return out
 
@@ -587,8 +616,9 @@ class Store:
         Rows are visible to this Store's reads at once; to other processes after :meth:`sync`,
         :meth:`flush` or :meth:`close` (each waits once, not per batch).
         """
+        schema = self._schema()
         for batch in self._write_batches(rows):
-            self._call(self.client.upsert, self.collection, [row.to_entity() for row in batch])
+            self._call(self.client.upsert, self.collection, [row.to_entity(schema) for row in batch])
             self._unsynced = self.is_server
 
     def _write_batches(self, rows: Sequence[Row]) -> Iterator[Sequence[Row]]:
@@ -598,7 +628,7 @@ class Store:
             return
         start, size = 0, 0
         for end, row in enumerate(rows):
-            row_bytes = 4 * len(row.vector) + len(row.key.encode()) + len(row.fingerprint) + 64
+            row_bytes = 4 * len(row.vector) + len(row.key.encode()) + len(row.fingerprint) + 128
             if end > start and (end - start >= SERVER_WRITE_ROWS or size + row_bytes > SERVER_WRITE_BYTES):
                 yield rows[start:end]
                 start, size = end, 0
@@ -668,7 +698,7 @@ class Store:
             data=[unit(v) for v in vectors],
             limit=limit,
             filter=folder_prefix_filter(folder) if folder else "",
-            output_fields=["path", "width", "height", "size"],
+            output_fields=["path", *(HIT_FIELDS_V1 if self._schema() < 2 else [META])],
             search_params=self._search_params(limit),
             **reads,
         )
@@ -796,7 +826,7 @@ def check_same_model(info: CollectionInfo, model: ModelSpec, dim: int | None, na
 
 
 def _hit(item: dict[str, Any]) -> SearchHit:
-    entity = item.get("entity", item)
+    entity = flat_record(item.get("entity", item))
     return SearchHit(
         path=path_of(entity.get("path", item.get("id"))),
         score=float(item["distance"]),
