@@ -3,6 +3,9 @@ nothing hangs. Ends with a property test throwing random and mutated bytes at th
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import io
 import os
 import struct
@@ -309,6 +312,12 @@ def _open_fds() -> int:
 
 
 def _rss_kib() -> int:
+    """Resident memory once freed memory is handed back: glibc keeps freed heap pages (a mutant
+    that decodes to a large image leaves them), which is not a leak (a long random run once
+    measured +73 MiB without the trim, in a process already at 970 MiB)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
 
