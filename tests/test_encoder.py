@@ -172,3 +172,20 @@ def test_only_the_standard_clip_transform_is_split(small_encoder: ClipEncoder) -
     bilinear = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), *steps[1:]])
     assert clip_normalisation(bilinear, size) is None
     assert clip_normalisation(T.Compose([*steps, T.RandomHorizontalFlip()]), size) is None
+
+
+def test_an_rgb_step_anywhere_is_allowed(small_encoder: ClipEncoder) -> None:
+    """Older open_clip converts to RGB with a plain function, placed before or after the crop."""
+    from torchvision import transforms as T
+
+    from pixfind.preprocess import clip_normalisation
+
+    def _convert_to_rgb(image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+    size = small_encoder.image_size
+    expected = clip_normalisation(small_encoder._transform, size)
+    assert expected is not None
+    resize, crop, *rest = [s for s in small_encoder._transform.transforms if type(s).__name__ != "MaybeConvertMode"]
+    for steps in ([_convert_to_rgb, resize, crop, *rest], [resize, crop, _convert_to_rgb, *rest]):
+        assert clip_normalisation(T.Compose(steps), size) == expected

@@ -50,11 +50,14 @@ def clip_normalisation(transform: Any, image_size: int) -> Normalisation | None:
     (what :func:`resize_crop` + normalising reproduce), else None."""
     from torchvision import transforms as T
 
-    steps = list(getattr(transform, "transforms", []))
-    kinds = [type(s).__name__ for s in steps if type(s).__name__ not in ("MaybeConvertMode", "_convert_to_rgb")]
-    if kinds != ["Resize", "CenterCrop", "MaybeToTensor", "Normalize"]:
+    def kind(step: Any) -> str:  # open_clip's RGB conversion is a class or a plain function
+        return getattr(step, "__name__", type(step).__name__)
+
+    rgb = ("MaybeConvertMode", "_convert_to_rgb")  # resize_crop converts to RGB first
+    steps = [s for s in getattr(transform, "transforms", []) if kind(s) not in rgb]
+    if [kind(s) for s in steps] != ["Resize", "CenterCrop", "MaybeToTensor", "Normalize"]:
         return None
-    resize, crop, normalize = steps[0], steps[1], steps[-1]
+    resize, crop, _, normalize = steps
     size = resize.size if isinstance(resize.size, int) else None
     if isinstance(resize.size, (list, tuple)) and len(resize.size) == 1:
         size = resize.size[0]
