@@ -22,6 +22,7 @@ from pixfind.cliptokenizer import ClipTokenizer, trim_padding  # noqa: E402
 from pixfind.config import ModelSpec  # noqa: E402
 from pixfind.encoder import ClipEncoder  # noqa: E402
 from pixfind.onnx_encoder import OnnxClipEncoder, export_dir, load_encoder  # noqa: E402
+from pixfind.preprocess import normalise  # noqa: E402
 from pixfind.textquery import load_text_encoder  # noqa: E402
 
 SPEC = ModelSpec("ViT-S-32", None)
@@ -101,21 +102,27 @@ def test_interface(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
 
 
 def test_preprocess_equals_open_clip(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
+    """uint8 pixels that, normalised, are open_clip's own preprocessing output."""
     for img in _images():
         ours = onnx.preprocess(img)
         theirs = torch_encoder.preprocess(img)
-        assert ours.dtype == np.float32 and ours.shape == theirs.shape == (3, 224, 224)
-        assert np.abs(ours - theirs).max() < 1e-6
+        assert ours.dtype == np.uint8 and ours.shape == theirs.shape == (3, 224, 224)
+        assert np.abs(normalise(ours, onnx._mean, onnx._std) - theirs).max() < 1e-6
 
 
-def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
-    pixels = _pixels(torch_encoder)
-    for batch in (pixels[:1], pixels[:3], pixels):
-        a = torch_encoder.encode_images(batch)
-        b = onnx.encode_images(batch)
-        assert b.dtype == np.float32 and b.shape == (len(batch), 384)
-        assert np.abs(a - b).max() < 1e-4
-        assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+@pytest.mark.parametrize("openvino", [False, None], ids=["onnxruntime", "default"])
+def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder, openvino: bool | None) -> None:
+    """From uint8 (preprocess) and from normalised float32 (open_clip's transform), on both runtimes."""
+    encoder = OnnxClipEncoder(onnx.folder, threads=2, openvino=openvino)
+    ours = np.stack([encoder.preprocess(img) for img in _images()])
+    theirs = _pixels(torch_encoder)
+    for size in (1, 3, len(ours)):
+        a = torch_encoder.encode_images(theirs[:size])
+        for batch in (ours[:size], theirs[:size]):
+            b = encoder.encode_images(batch)
+            assert b.dtype == np.float32 and b.shape == (size, 384)
+            assert np.abs(a - b).max() < 1e-4
+            assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
 
 
 def test_text_parity_with_full_length_torch(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
@@ -239,17 +246,24 @@ def fresh_record(onnx: OnnxClipEncoder) -> Path:
 
 
 def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_record, monkeypatch) -> None:
+    """Two streams (two threads): batches split evenly or not, and a single image, from uint8 and
+    from float32 input, in the order given."""
     pytest.importorskip("openvino")
     monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
-    pixels = _pixels(torch_encoder)
-    ov = OnnxClipEncoder(onnx.folder, threads=1)
-    ort_only = OnnxClipEncoder(onnx.folder, threads=1, openvino=False)
-    for batch in (pixels[:1], pixels):
-        a, b = ov.encode_images(batch), ort_only.encode_images(batch)
-        assert a.shape == b.shape == (len(batch), 384) and a.dtype == np.float32
-        assert np.abs(a - b).max() < 1e-4
-        assert np.abs(a - torch_encoder.encode_images(batch)).max() < 1e-4
+    images = _images() * 3  # 21: splits 1, 2+1, 4+3 (two streams), 7+7+7 (over CHUNK)
+    pixels = np.stack([onnx.preprocess(img) for img in images])
+    floats = np.stack([torch_encoder.preprocess(img) for img in images])
+    ov = OnnxClipEncoder(onnx.folder, threads=2)
+    ort_only = OnnxClipEncoder(onnx.folder, threads=2, openvino=False)
+    for size in (1, 3, 7, 21):
+        reference = torch_encoder.encode_images(floats[:size])
+        for batch in (pixels[:size], floats[:size]):
+            a, b = ov.encode_images(batch), ort_only.encode_images(batch)
+            assert a.shape == b.shape == (size, 384) and a.dtype == np.float32
+            assert np.abs(a - b).max() < 1e-4
+            assert np.abs(a - reference).max() < 1e-4
     assert (ov.image_runtime, ort_only.image_runtime) == ("openvino", "onnxruntime")
+    assert ov._run_visual.__self__.streams == 2
     assert "visual" not in ov._sessions  # the check's ONNX Runtime session is not kept
     record = json.loads(fresh_record.read_text())
     assert record["ok"] and record["openvino"] == openvino_visual.version()
@@ -259,6 +273,16 @@ def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_reco
     monkeypatch.setattr(again, "_make_session", lambda tower: pytest.fail(f"{tower} session built"))
     assert np.abs(again.encode_images(pixels[:2]) - ort_only.encode_images(pixels[:2])).max() < 1e-4
     assert again.image_runtime == "openvino"
+
+    # a record of an older runner (other compiled model or input) is checked afresh
+    fresh_record.write_text(json.dumps({**record, "runner": openvino_visual.RUNNER - 1}))
+    older = OnnxClipEncoder(onnx.folder, threads=1)
+    calls = []
+    real = older._run_visual_ort
+    monkeypatch.setattr(older, "_run_visual_ort", lambda batch: calls.append(len(batch)) or real(batch))
+    older.encode_images(pixels[:1])
+    assert calls == [openvino_visual.PARITY_BATCH] and older.image_runtime == "openvino"
+    assert json.loads(fresh_record.read_text())["runner"] == openvino_visual.RUNNER
 
 
 def test_openvino_switch_and_int8_stay_on_onnxruntime(onnx, torch_encoder, fresh_record, monkeypatch) -> None:

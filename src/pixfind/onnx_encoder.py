@@ -187,19 +187,25 @@ class OnnxClipEncoder:
     # -- images -----------------------------------------------------------------------------
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """open_clip's transform (shortest side to ``image_size`` bicubic, centre crop, scale,
-        normalise) in Pillow + numpy; equal to torchvision's output (checked at export)."""
-        return normalise(resize_crop(image, self.image_size), self._mean, self._std)
+        """open_clip's resize and centre crop in Pillow: uint8 (3, S, S), equal to torchvision's
+        pixels (checked at export). The scaling and normalisation are left to the model run
+        (:meth:`encode_images`): compiled into the OpenVINO model, numpy for ONNX Runtime."""
+        return resize_crop(image, self.image_size)
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim)."""
-        batch = np.ascontiguousarray(pixels, dtype=np.float32)
+        """Embed a batch (N, 3, H, W) into unit vectors (N, dim): uint8 pixels as :meth:`preprocess`
+        gives them, or float32 already normalised (what open_clip's own transform gives)."""
+        pixels = np.ascontiguousarray(pixels)
+        if pixels.dtype != np.uint8:
+            pixels = pixels.astype(np.float32, copy=False)
         with self._pick_lock:
             if self._run_visual is None:
                 self._run_visual = self._pick_image_runtime()
-        return normalise_rows(self._run_visual(batch))
+        return normalise_rows(self._run_visual(pixels))
 
-    def _run_visual_ort(self, batch: np.ndarray) -> np.ndarray:
+    def _run_visual_ort(self, pixels: np.ndarray) -> np.ndarray:
+        """ONNX Runtime's image tower on uint8 pixels or normalised float32."""
+        batch = normalise(pixels, self._mean, self._std) if pixels.dtype == np.uint8 else pixels
         (features,) = self.session("visual").run(None, {"pixels": batch})
         return features
 
@@ -210,7 +216,12 @@ class OnnxClipEncoder:
             from .openvino_visual import load_checked
 
             runner = load_checked(
-                self.folder, self.image_size, self.threads, self._run_visual_ort, even_if_disabled=bool(self.openvino)
+                self.folder,
+                self.image_size,
+                self.threads,
+                (self._mean, self._std),
+                self._run_visual_ort,
+                even_if_disabled=bool(self.openvino),
             )
             self._sessions.pop("visual", None)  # the check's ONNX Runtime session: ~350 MB freed
             if runner is not None:
@@ -579,8 +590,8 @@ def check_parity(encoder: ClipEncoder, candidate: OnnxClipEncoder) -> dict[str, 
     gradient = np.linspace(0, 255, 640 * 480 * 3).reshape(480, 640, 3).astype(np.uint8)
     images.append(Image.fromarray(gradient))
     torch_pixels = np.stack([encoder.preprocess(img) for img in images])
-    ours = np.stack([candidate.preprocess(img) for img in images])
-    pre_diff = float(np.abs(torch_pixels - ours).max())
+    ours = np.stack([candidate.preprocess(img) for img in images])  # uint8
+    pre_diff = float(np.abs(torch_pixels - normalise(ours, candidate._mean, candidate._std)).max())
     if pre_diff > 1e-5:
         raise ModelLoadError(f"numpy preprocessing differs from open_clip's by {pre_diff:.2e}")
     a = encoder.encode_images(torch_pixels)
