@@ -1,20 +1,23 @@
 """Indexing speed in one run: machine limit, model only, decode only, end to end, memory.
 
-    PYTHONPATH=src python benchmarks/ingest.py [--photos 300] [--rounds 3] [--torch] [--memory]
+    PYTHONPATH=src python benchmarks/ingest.py [--photos 300] [--rounds 3] [--torch] [--memory] [--busy]
 
 On the first N real photos of benchmarks/photos.py (copied to a temporary folder), each round
 measures, interleaved so a noisy shared machine hits every figure alike:
 
 * the fp32 4096^2 matmul GFLOP/s and the images/s limit it implies (ViT-B-32: 8.73 GFLOP/image);
 * model only: images/s of the default CPU encoder (``load_encoder``: the exported towers, images
-  on OpenVINO when installed, default threads, batch 16) on pre-decoded photos; the same export
-  on ONNX Runtime alone [and torch with 2 threads, ``--torch``];
+  on OpenVINO when installed, default threads, batch 16) on pre-decoded photos; the same OpenVINO
+  model on one stream (how pixfind ran it before); the same export on ONNX Runtime alone [and
+  torch with 2 threads, ``--torch``];
 * decode only: ``load_image(min_side=draft_side)`` + preprocess, 1 thread;
 * end to end: ``ImageIndex(uri=<fresh Lite file>).add(folder)`` with default settings, in a fresh
   process as ``pixfind index`` runs: the embed phase rate (``IndexReport.images_per_s``), the
   steady rate after the first batch (the image session is created on first use, ~0.5 s), the
   whole-run rate (ImageIndex opened -> add returned: scan, model load, embed, flush) and the
   process wall time; RSS sampled every 0.1 s (start / peak / end), VmHWM, and the Milvus Lite child's RSS.
+* with ``--busy``: model only (both OpenVINO runs) and the e2e steady rate again while another
+  process spins on one core, as when the machine is shared.
 
 The ONNX export is made (or found) before anything is timed. Prints medians and each round.
 Random weights (``pretrained=None``): the compute is the same as with real ones.
@@ -23,6 +26,7 @@ Random weights (``pretrained=None``): the compute is the same as with real ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +38,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +196,24 @@ def run_e2e(folder: Path, work: Path, round_no: int) -> dict:
     return data
 
 
+def checked(e2e: dict, files: int) -> dict:
+    if e2e["embedded"] != files or e2e["stored"] != files:
+        sys.exit(f"e2e indexed {e2e['embedded']} / stored {e2e['stored']} of {files}: {e2e}")
+    return e2e
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[None]:
+    """Another job on the machine: a process spinning on one core while the block runs."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def fmt(values: list[float], digits: int = 1) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
@@ -203,6 +226,9 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--torch", action="store_true", help="also model-only torch (reference)")
     parser.add_argument("--memory", action="store_true", help="print the RSS trace of each e2e run")
+    parser.add_argument(
+        "--busy", action="store_true", help="also model only and e2e beside a busy process (one core spinning)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("FOLDER", "DB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -249,6 +275,16 @@ def main() -> None:
     encoder.encode_images(pixels)  # picks the image runtime (OpenVINO's check runs once per export)
     ort_only = OnnxClipEncoder(encoder.folder, threads=encoder.threads, openvino=False)
     print(f"default image runtime: {encoder.image_runtime}")
+    one_stream = None
+    if encoder.image_runtime == "openvino":  # the same model on one stream (pixfind before 2026-11-28)
+        from pixfind.encoder import normalise_rows
+        from pixfind.openvino_visual import OpenVinoVisual
+
+        single = OpenVinoVisual(encoder.folder / "visual.onnx", encoder.threads, encoder._mean, encoder._std, streams=1)
+
+        def one_stream(batch: np.ndarray) -> np.ndarray:
+            return normalise_rows(single.run(batch))
+
     tenc = None
     if args.torch:
         import torch
@@ -271,13 +307,20 @@ def main() -> None:
         add("matmul GFLOP/s", gf)
         add("limit images/s", gf / VIT_B_32_GFLOP)
         add("model only: default b16", rate(encoder.encode_images, pixels, args.seconds))
+        if one_stream is not None:
+            add("model only: openvino 1 stream b16", rate(one_stream, pixels, args.seconds))
         add("model only: onnxruntime b16", rate(ort_only.encode_images, pixels, args.seconds))
         if tenc is not None:
             add("model only: torch 2thr b16", rate(tenc.encode_images, pixels, args.seconds))
         add("decode only: 1 thread", pipeline(files, load, None, None, 0))
-        e2e = run_e2e(folder, work, r)
-        if e2e["embedded"] != len(files) or e2e["stored"] != len(files):
-            sys.exit(f"e2e indexed {e2e['embedded']} / stored {e2e['stored']} of {len(files)}: {e2e}")
+        if args.busy:
+            with busy_process():
+                add("busy: model only: default b16", rate(encoder.encode_images, pixels, args.seconds))
+                if one_stream is not None:
+                    add("busy: model only: openvino 1 stream", rate(one_stream, pixels, args.seconds))
+                busy_e2e = checked(run_e2e(folder, work, r), len(files))
+            add("busy: e2e steady", busy_e2e["steady_per_s"])
+        e2e = checked(run_e2e(folder, work, r), len(files))
         e2e_runs.append(e2e)
         add("e2e: embed phase", e2e["embedded"] / e2e["embed_s"])
         add("e2e: steady (after 1st batch)", e2e["steady_per_s"])
@@ -310,6 +353,8 @@ def main() -> None:
     pairs = [
         ("model only: default b16", "limit images/s", "model-only / limit"),
         ("model only: onnxruntime b16", "limit images/s", "onnxruntime alone / limit"),
+        ("model only: default b16", "model only: openvino 1 stream b16", "default / openvino 1 stream"),
+        ("busy: model only: default b16", "busy: model only: openvino 1 stream", "busy: default / 1 stream"),
         ("e2e: embed phase", "model only: default b16", "e2e embed / model-only"),
         ("e2e: steady (after 1st batch)", "model only: default b16", "e2e steady / model-only"),
         ("e2e: whole run (open -> add done)", "model only: default b16", "e2e whole run / model-only"),
@@ -319,6 +364,8 @@ def main() -> None:
     if tenc is not None:
         pairs.append(("model only: default b16", "model only: torch 2thr b16", "default / torch model-only"))
     for a, b, label in pairs:
+        if a not in results or b not in results:
+            continue
         per_round, of_medians = ratio(a, b)
         print(f"  {label:32s} {per_round:5.2f}   {of_medians:5.2f}")
     # 2 cores: the model uses both at rate M (2/M core-s per image), decode 1/D core-s per image

@@ -200,6 +200,12 @@ def test_cache_reused_without_export_or_torch(onnx: OnnxClipEncoder, monkeypatch
     encoder = load_text_encoder(SPEC)
     expected = onnx.encode_texts(["a dog"])
     assert np.abs(encoder.encode_texts(["a dog"]) - expected).max() < 1e-6
+    # a query image: the same vector, on one OpenVINO stream with every thread (latency, not throughput)
+    image = encoder.preprocess(_images()[2])[None]
+    assert np.abs(encoder.encode_images(image) - onnx.encode_images(image)).max() < 1e-4
+    assert encoder.image_streams == 1
+    if encoder.image_runtime == "openvino":
+        assert encoder._run_visual.__self__.streams == 1
 
 
 def test_no_export_means_no_text_encoder(tmp_path: Path, monkeypatch) -> None:

@@ -1,8 +1,8 @@
-"""OpenVINO for the exported image tower: the same ``visual.onnx``, ~7-9% faster than ONNX Runtime.
+"""OpenVINO for the exported image tower: the same ``visual.onnx``, ~10% faster than ONNX Runtime.
 
-On this project's 2-core AVX2 machine OpenVINO's CPU plugin runs ViT-B-32's image tower at
-0.84-0.85 of the fp32 matmul limit where ONNX Runtime reaches 0.78-0.79 (``benchmarks/ingest.py``;
-oneDNN's GEMMs against MLAS'), and stays ahead when another job shares the cores.
+On this project's 2-core machine OpenVINO's CPU plugin runs ViT-B-32's image tower at 0.85 of the
+fp32 matmul limit where ONNX Runtime reaches 0.78 (``benchmarks/ingest.py``), and 1.4x faster than
+on one stream when another job shares the cores (see :class:`OpenVinoVisual`).
 :class:`~pixfind.onnx_encoder.OnnxClipEncoder` uses it for images when the ``openvino`` package
 imports and its vectors match ONNX Runtime's on a fixed sample; the match is checked once per
 export folder and OpenVINO version and recorded in ``openvino.json`` beside the export, so later
@@ -65,22 +65,24 @@ class OpenVinoVisual:
     :func:`streams_for` streams at once, each stream on its share of the threads. With one
     stream all threads meet at a barrier after every operator, so one thread delayed by
     anything else on the machine (a decode, another process) stalls them all; streams do not
-    wait for each other. Measured on 2 cores (ViT-B-32, batches of 16): one stream on 2 threads
-    33.0 images/s (0.86 of the matmul limit), two streams of one thread 33.8 (0.89); beside a
-    busy loop 16.2 vs 21.7. A single image runs on one stream: 80 ms instead of 42 on a quiet
-    machine, the same beside a busy one.
+    wait for each other. Measured on 2 cores (ViT-B-32, batches of 16, ``benchmarks/ingest.py
+    --busy``): one stream on 2 threads 31.4 images/s, two streams of one thread 32.7 (0.85 of the
+    matmul limit); beside a busy loop 15.0 vs 21.1. A single image runs on one stream: 80 ms
+    instead of 42 on a quiet machine (the same beside a busy one), so a query encoder asks for
+    ``streams=1``.
 
     Threads are not pinned to cores (pinning loses to another process that holds a core: measured
     -10% beside a busy loop), and one ``run`` at a time (the web server may embed an uploaded
     image beside a query).
     """
 
-    def __init__(self, path: Path, threads: int, mean: np.ndarray, std: np.ndarray) -> None:
+    def __init__(self, path: Path, threads: int, mean: np.ndarray, std: np.ndarray, streams: int | None = None) -> None:
+        """``streams``: None picks :func:`streams_for` ``threads`` (benchmarks compare others)."""
         import openvino
 
         self._mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-        self.streams = streams_for(threads)
+        self.streams = streams or streams_for(threads)
         compiled = openvino.Core().compile_model(
             _taking_pixels(openvino, str(path), self._mean, self._std),
             "CPU",
@@ -142,12 +144,14 @@ def load_checked(
     normalisation: tuple[np.ndarray, np.ndarray],
     reference: Callable[[np.ndarray], np.ndarray],
     even_if_disabled: bool = False,
+    streams: int | None = None,
 ) -> OpenVinoVisual | None:
     """OpenVINO's image tower for the export in ``folder``, or None to stay on ONNX Runtime.
 
     ``normalisation``: the model's (mean, std), compiled in. ``reference`` runs ONNX Runtime's
     image tower on uint8 pixels; it is only called when this export has not been checked against
-    this OpenVINO version yet. ``even_if_disabled`` ignores ``PIXFIND_OPENVINO=0``.
+    this OpenVINO version yet. ``even_if_disabled`` ignores ``PIXFIND_OPENVINO=0``. ``streams``:
+    see :class:`OpenVinoVisual`.
     """
     if not (even_if_disabled or enabled()):
         return None
@@ -161,7 +165,7 @@ def load_checked(
         log.info("OpenVINO %s failed its check for %s before: %s", ov_version, folder.name, record.get("reason"))
         return None
     try:
-        runner = OpenVinoVisual(folder / "visual.onnx", threads, *normalisation)
+        runner = OpenVinoVisual(folder / "visual.onnx", threads, *normalisation, streams=streams)
     except Exception as exc:  # any compile failure means: ONNX Runtime
         _write_record(folder, key, False, f"compile: {type(exc).__name__}: {_first_line(exc)}")
         log.warning("OpenVINO cannot compile %s, using ONNX Runtime: %s", folder.name, _first_line(exc))

@@ -38,7 +38,8 @@ def load_text_encoder(spec: ModelSpec, threads: int | None = None) -> OnnxClipEn
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    encoder = OnnxClipEncoder.open(spec, threads=threads, spinning=False)
+    # queries embed one image at a time: one OpenVINO stream, every thread on it
+    encoder = OnnxClipEncoder.open(spec, threads=threads, spinning=False, image_streams=1)
     if encoder is None or not encoder.meta.get("tokenizer"):
         return None
     encoder.session("text")
