@@ -231,6 +231,20 @@ def test_export_failure_falls_back_to_torch(tmp_path: Path, monkeypatch, caplog)
         load_encoder(SPEC, backend="onnx", threads=1)  # recorded: not retried, reason given
 
 
+@pytest.mark.parametrize("message", ["", "  \n "])
+def test_export_failure_without_a_message_falls_back_to_torch(tmp_path: Path, monkeypatch, message: str) -> None:
+    """A blank exception message is reported as its type, not turned into an IndexError."""
+    monkeypatch.setenv("PIXFIND_CACHE_DIR", str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(onnx_encoder, "_export", broken)
+    assert isinstance(load_encoder(SPEC, backend="auto", threads=1), ClipEncoder)
+    with pytest.raises(onnx_encoder.ModelLoadError, match=r"failed: RuntimeError$"):
+        load_encoder(SPEC, backend="onnx", threads=1)
+
+
 def test_int8_is_opt_in_and_close(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
     int8 = OnnxClipEncoder(onnx.folder, threads=1, int8=True)
     pixels = _pixels(torch_encoder)

@@ -312,6 +312,7 @@ def _quietly(func: Any, *args: Any, **kwargs: Any) -> Any:
         root.setLevel(previous)
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type's name when it has none), shortened."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:160]
+    return (text[0] if text else type(exc).__name__)[:limit]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
-from .encoder import draft_side_for, normalise_rows  # numpy only: no torch import
+from .encoder import _first_line, draft_side_for, normalise_rows  # numpy only: no torch import
 from .errors import ModelLoadError
 from .preprocess import clip_normalisation, normalise, resize_crop
 
@@ -308,13 +308,19 @@ def load_encoder(
             folder = export(torch_encoder)
             return OnnxClipEncoder(folder, threads=threads, int8=int8)
         except Exception as exc:  # any export failure means: use torch
-            failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc) else ''}"
+            failure = _failure_text(exc)
             _record_failure(spec, failure)
     if backend == "onnx":
         raise ModelLoadError(f"ONNX export of {spec.describe()} failed: {failure}")
     log.warning("ONNX export of %s unusable, using torch: %s", spec.describe(), failure)
     configure_threads(threads)
     return torch_encoder
+
+
+def _failure_text(exc: BaseException) -> str:
+    """``Type: first line of the message`` (the type alone when the message is empty or blank)."""
+    name, line = type(exc).__name__, _first_line(exc, 300)
+    return name if line == name else f"{name}: {line}"
 
 
 def _gpu_present() -> bool:
