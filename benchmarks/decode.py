@@ -93,6 +93,7 @@ def main() -> None:
     from pixfind.encoder import ClipEncoder
     from pixfind.images import load_image
     from pixfind.onnx_encoder import OnnxClipEncoder, export
+    from pixfind.preprocess import normalise
 
     spec = ModelSpec(args.model, None)
     tenc = ClipEncoder(spec, "cpu")
@@ -116,6 +117,8 @@ def main() -> None:
     def torch_encode(threads: int):
         def encode(batch):
             torch.set_num_threads(threads)
+            if batch.dtype == np.uint8:  # pixfind's preprocessing: normalised where the model runs
+                batch = normalise(batch, ort[1]._mean, ort[1]._std)
             return tenc.encode_images(batch)
 
         return encode
