@@ -123,6 +123,7 @@ def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder, openvin
             assert b.dtype == np.float32 and b.shape == (size, 384)
             assert np.abs(a - b).max() < 1e-4
             assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+    assert encoder.encode_images(ours[:0]).shape == (0, 384)  # an empty batch: no vectors, no error
 
 
 def test_text_parity_with_full_length_torch(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:

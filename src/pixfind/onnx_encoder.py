@@ -200,6 +200,8 @@ class OnnxClipEncoder:
         """Embed a batch (N, 3, H, W) into unit vectors (N, dim): uint8 pixels as :meth:`preprocess`
         gives them, or float32 already normalised (what open_clip's own transform gives)."""
         pixels = np.ascontiguousarray(pixels)
+        if len(pixels) == 0:  # neither runtime takes an empty batch
+            return np.zeros((0, self.dim), dtype=np.float32)
         if pixels.dtype != np.uint8:
             pixels = pixels.astype(np.float32, copy=False)
         with self._pick_lock:
