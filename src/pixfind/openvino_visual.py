@@ -83,8 +83,9 @@ class OpenVinoVisual:
         self._mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
         self.streams = streams or streams_for(threads)
-        compiled = openvino.Core().compile_model(
-            _taking_pixels(openvino, str(path), self._mean, self._std),
+        core = openvino.Core()
+        compiled = core.compile_model(
+            _taking_pixels(core.read_model(str(path)), self._mean, self._std),
             "CPU",
             {
                 "INFERENCE_NUM_THREADS": threads,
@@ -120,13 +121,14 @@ def streams_for(threads: int) -> int:
     return 2 if threads >= 2 else 1
 
 
-def _taking_pixels(openvino: Any, path: str, mean: np.ndarray, std: np.ndarray) -> Any:
-    """The exported model with CLIP's normalisation put in front: it takes 0-255 pixel values."""
+def _taking_pixels(model: Any, mean: np.ndarray, std: np.ndarray) -> Any:
+    """``model`` with CLIP's normalisation put in front: it takes 0-255 pixel values."""
+    from openvino import Layout
     from openvino.preprocess import PrePostProcessor
 
-    steps = PrePostProcessor(openvino.Core().read_model(path))
-    steps.input().tensor().set_layout(openvino.Layout("NCHW"))
-    steps.input().model().set_layout(openvino.Layout("NCHW"))
+    steps = PrePostProcessor(model)
+    steps.input().tensor().set_layout(Layout("NCHW"))
+    steps.input().model().set_layout(Layout("NCHW"))
     steps.input().preprocess().scale(255.0).mean(mean.ravel().tolist()).scale(std.ravel().tolist())
     return steps.build()
 
