@@ -142,13 +142,7 @@ class Row:
     fingerprint: str
 
     def to_entity(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
-        record = {
-            "size": self.size,
-            "mtime_ns": self.mtime_ns,
-            "width": self.width,
-            "height": self.height,
-            "fingerprint": self.fingerprint,
-        }
+        record = {name: getattr(self, name) for name in FILE_FIELDS}
         if schema >= 2:
             return {"path": self.key, VECTOR: unit(self.vector), META: record}
         return {"path": self.key, VECTOR: unit(self.vector), **record}
