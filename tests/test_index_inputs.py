@@ -74,13 +74,15 @@ def test_one_writer_when_two_runs_create_one_file(tmp_path: Path) -> None:
         first.ensure(ModelSpec("x", None), 4)  # makes the file, holding the lock
         with pytest.raises(IndexLockedError, match=f"pid {os.getpid()}"):
             second.ensure(ModelSpec("x", None), 4)
+        assert not second.exists()  # still waiting to make it: usable, and empty
         with pytest.raises(IndexLockedError):
             Store(uri, defer=True)  # a third one, once the file exists
+        first.close()
+        second.ensure(ModelSpec("x", None), 4)  # free again: it opens what the first one made
+        assert second.exists()
     finally:
         second.close()
         first.close()
-    with Store(uri, defer=True) as third:  # free again: opens what the first one made
-        assert third.exists()
 
 
 def test_a_pending_run_is_refused_while_another_creates_the_file(tmp_path: Path) -> None:

@@ -209,3 +209,9 @@ def test_presence_is_known_only_where_it_can_be(tmp_path: Path) -> None:
         assert check(str(root / name)).presence is Presence.GONE, name
     empty = check(str(root / "empty" / "sub" / "d.jpg"))
     assert (empty.presence, empty.folder) == (Presence.EMPTY_FOLDER, str(root / "empty"))
+    (root / "drive").symlink_to(tmp_path / "unmounted" / "photos")  # a link to a drive not mounted
+    (root / "e.jpg").symlink_to(tmp_path / "unmounted" / "e.jpg")
+    for name in ("drive/trip/f.jpg", "e.jpg"):
+        dangling = check(str(root / name))
+        assert (dangling.presence, dangling.folder) == (Presence.UNREADABLE, str(root / name.split("/")[0])), name
+        assert "symbolic link" in dangling.reason

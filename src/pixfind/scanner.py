@@ -148,6 +148,9 @@ class Verdict:
     reason: str = ""
 
 
+#: A symbolic link whose target is missing is no proof either: it may lead to a drive that is
+#: not mounted.
+_DANGLING = "symbolic link to something missing (a drive not mounted?)"
 _PRESENT = Verdict(Presence.PRESENT)
 _GONE = Verdict(Presence.GONE)
 
@@ -159,7 +162,8 @@ class PresenceCheck:
     can be read and is not empty is. A path that exists but is no longer an image file (another
     kind of file, a folder) is gone too, as a scan would not take it. Anything else (permission
     denied on a folder of the path, an I/O error) is UNREADABLE and names the folder to blame;
-    an empty folder is EMPTY_FOLDER, because an unmounted drive's mount point looks like that.
+    an empty folder is EMPTY_FOLDER, because an unmounted drive's mount point looks like that,
+    and a symbolic link on the path whose target is missing is UNREADABLE for the same reason.
 
     ``top``: the folder checks never climb above (the indexed root), so that the folder named in
     a verdict is inside it. Verdicts on folders are cached: a missing or unreadable folder of
@@ -174,6 +178,8 @@ class PresenceCheck:
         try:
             info = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(path):
+                return Verdict(Presence.UNREADABLE, path, _DANGLING)
             return self._missing_below(os.path.dirname(path))
         except ValueError:  # a NUL in a stored name: no file can have it
             return _GONE
@@ -191,7 +197,10 @@ class PresenceCheck:
             info = os.stat(folder)
         except (FileNotFoundError, NotADirectoryError):
             parent = os.path.dirname(folder)
-            verdict = self._missing_below(parent) if self._may_climb(folder, parent) else _GONE
+            if os.path.islink(folder):
+                verdict = Verdict(Presence.UNREADABLE, folder, _DANGLING)
+            else:
+                verdict = self._missing_below(parent) if self._may_climb(folder, parent) else _GONE
         except OSError as exc:
             verdict = self._blocked_at(os.path.dirname(folder), exc)
         else:

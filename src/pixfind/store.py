@@ -344,8 +344,8 @@ class Store:
     def _open_pending(self) -> None:
         """Make the deferred Lite file now: there is something to store."""
         if self._pending is not None:
+            self._open(preload=False)  # may fail (the lock is held): then still pending
             self._pending = None
-            self._open(preload=False)
             self._info = None  # another run may have made it meanwhile: read its record
 
     # -- connection -------------------------------------------------------------------------
