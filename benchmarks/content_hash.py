@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from photos import photo_dir  # noqa: E402
+from photos import photo_dir
 
-from pixfind import scanner  # noqa: E402
-from pixfind.config import ModelSpec  # noqa: E402
-from pixfind.images import load_image  # noqa: E402
-from pixfind.indexer import Indexer  # noqa: E402
-from pixfind.pathkeys import key_of  # noqa: E402
-from pixfind.store import Row, Store  # noqa: E402
+from pixfind import scanner
+from pixfind.config import ModelSpec
+from pixfind.images import load_image
+from pixfind.indexer import Indexer
+from pixfind.pathkeys import key_of
+from pixfind.store import Row, Store
 
 DRAFT_SIDE = 336  # ViT-B-32's 224 x 1.5, as an index run decodes
 
@@ -66,7 +66,8 @@ def decode_part(photos: list[Path], rounds: int) -> None:
                 step(str(photo))
             timings[name].append((time.perf_counter() - started) / len(photos) * 1000)
     for name, values in timings.items():
-        print(f"  {name:32s} {statistics.median(values):6.2f} ms/photo (rounds: {', '.join(f'{v:.2f}' for v in values)})")
+        rounds = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {name:32s} {statistics.median(values):6.2f} ms/photo (rounds: {rounds})")
 
 
 def make_files(photos: list[Path], folder: Path, count: int) -> list[Path]:
