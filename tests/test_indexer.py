@@ -147,11 +147,13 @@ def test_clear_errors(index_factory, tmp_path: Path) -> None:
         check_query("   ")
 
 
-def test_a_second_process_on_the_same_file_is_told_who_holds_it(index_factory, lite_uri: str) -> None:
+def test_a_second_process_on_the_same_file_is_told_who_holds_it(
+    index_factory, make_images, lite_uri: str, tmp_path: Path
+) -> None:
     from pixfind.errors import IndexLockedError
     from pixfind.store import Store
 
-    index_factory()
+    index_factory().add(make_images(tmp_path / "p", 1)[0])  # the file is made, and locked
     with pytest.raises(IndexLockedError, match=f"pid {os.getpid()}"):
         Store(lite_uri)
 
@@ -461,11 +463,11 @@ def test_decoding_waits_for_a_model_that_fills_the_cpu(
     encoder = _SlowEncoder(fills_cpu)
     real_load = indexer.load_image
 
-    def load(path: str, min_side: int | None = None) -> object:
+    def load(path: str, min_side: int | None = None, data: bytes | None = None) -> object:
         if encoder.busy:
             encoder.decodes_during_inference += 1
         time.sleep(0.005)
-        return real_load(path, min_side=min_side)
+        return real_load(path, min_side=min_side, data=data)
 
     monkeypatch.setattr(indexer, "load_image", load)
     with Store(str(tmp_path / "i.db")) as store:
@@ -506,8 +508,9 @@ def test_default_batch_follows_the_models_device(device: str, expected: int, mak
 
 
 def test_an_index_made_with_schema_1_keeps_working(make_images, tmp_path: Path) -> None:
-    """A collection made before schema 2: indexed into, re-indexed, a renamed file reuses its
-    vector, searches return sizes; it keeps its five typed fields."""
+    """A collection made before schema 2: indexed into, re-indexed, searches return sizes; it
+    keeps its five typed fields. It has no place for a content hash, so a renamed file is
+    embedded again rather than trusted on its fingerprint."""
     from pixfind import ImageIndex
     from pixfind.store import CollectionInfo, Store
 
@@ -523,7 +526,8 @@ def test_an_index_made_with_schema_1_keeps_working(make_images, tmp_path: Path) 
         first = sorted(folder.iterdir())[0]
         first.rename(folder / "renamed.jpg")
         report = index.add(folder)
-        assert (report.moved, report.new) == (1, 0) and index.store.count() == 6  # the old path is gone
+        assert (report.moved, report.copied, report.new, report.removed) == (0, 0, 1, 1)
+        assert index.store.count() == 6  # the old path is gone
         hits = index.store.search([np.ones(4, dtype=np.float32).tolist()], 10)[0]
         assert len(hits) == 6 and all(h.width > 0 and h.size > 0 for h in hits)
         info = index.store.info()

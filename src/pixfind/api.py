@@ -71,6 +71,7 @@ class ImageIndex:
             wait=wait,
             create=create,
             search_ef=self.settings.search_ef,
+            defer=create,  # a new Lite file is made only when there is something to store
         )
         self._encoder: Encoder | None = encoder  # a loaded model may be shared between indexes
         self._query_encoder: Encoder | None = None
@@ -172,6 +173,20 @@ class ImageIndex:
         if not self._optimized:
             self.store.restore_index()  # an IVF index left by a killed `pixfind serve`
         return report
+
+    def remove(self, *paths: str | Path) -> int:
+        """Drop the entries of these files, and of every file under these folders, whether they
+        still exist or not; returns how many entries went.
+
+        A path may be relative, absolute, or lead through symbolic links: the entries stored
+        under its absolute form and under its form with links resolved both go."""
+        if not paths:
+            raise PixfindError("no path given: pixfind remove PATH [PATH ...]")
+        forms: list[str] = []
+        for path in paths:
+            expanded = os.path.expanduser(os.fspath(path))
+            forms += [os.path.abspath(expanded), os.path.realpath(expanded)]
+        return self.store.delete_paths(forms)
 
     # -- queries ----------------------------------------------------------------------------
 

@@ -104,7 +104,11 @@ def _open(
 
 @app.command()
 def index(
-    folders: Annotated[list[Path], typer.Argument(help="Folders (or single images) to index.", show_default=False)],
+    folders: Annotated[
+        list[Path],
+        # readable=False: an unreadable folder is reported by the run (its rows kept), not refused by click
+        typer.Argument(help="Folders (or single images) to index.", show_default=False, readable=False),
+    ],
     uri: UriOpt = None,
     token: TokenOpt = None,
     collection: CollectionOpt = None,
@@ -152,6 +156,9 @@ def index(
             err.print(line, markup=False, highlight=False)
     if result.interrupted:
         raise typer.Exit(130)
+    if result.nothing_read:
+        what = "the folder or file" if len(folders) == 1 else "any of the folders or files"
+        raise PixfindError(f"nothing could be indexed from {what} given: see why above (--report FILE lists it too)")
 
 
 class RichProgress:
@@ -234,6 +241,36 @@ class _stop_on_sigint:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+# -- remove ----------------------------------------------------------------------------------
+
+
+@app.command()
+def remove(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Files or folders whose entries to drop (they may be gone).", show_default=False),
+    ],
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Drop the index entries of these files and of everything under these folders, existing or not."""
+    from .render import _printable
+
+    missing = []
+    with _open(uri, token, collection, wait=wait, create=False) as idx:
+        for path in paths:
+            count = idx.remove(path)
+            if not count:
+                missing.append(_printable(str(path)))
+                continue
+            noun = "image" if count == 1 else "images"
+            out.print(f"removed {count:,} {noun} at or under {_printable(str(path))}", markup=False, highlight=False)
+    if missing:
+        raise PixfindError(f"nothing in the index at or under {', '.join(missing)}: check the path")
 
 
 # -- search ----------------------------------------------------------------------------------

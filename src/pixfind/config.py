@@ -8,6 +8,7 @@ configuration is instant.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,9 +48,27 @@ def default_uri() -> str:
     return str(data_dir() / "pixfind.db")
 
 
+#: URI beginnings that name a Milvus server (``unix:`` is a server's socket file).
+SERVER_PREFIXES = ("http://", "https://", "tcp://", "grpc://", "unix:")
+#: ``scheme:`` followed by ``/`` (RFC 3986 scheme characters): a URI, not a file name.
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")
+
+
 def is_server_uri(uri: str) -> bool:
-    """``http(s)://`` and ``tcp://`` URIs name a Milvus server; anything else is a Lite file."""
-    return uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:"))
+    """``http(s)://``, ``tcp://``, ``grpc://`` and ``unix:`` URIs name a Milvus server; a path is
+    a Lite file. Any other scheme (a typo, ``file://``, ``nonsense://``) is refused, rather than
+    taken as a file path and created as an odd folder in the current directory."""
+    if uri.startswith(SERVER_PREFIXES):
+        return True
+    match = _SCHEME.match(uri)
+    if match:
+        from .errors import PixfindError
+
+        raise PixfindError(
+            f"unknown URI scheme {match.group(1)!r} in {uri!r}: give a Milvus Lite file path "
+            f"(e.g. pixfind.db) or a server URI ({', '.join(SERVER_PREFIXES)})"
+        )
+    return False
 
 
 def search_ef_from(value: object, source: str = "--ef") -> int:

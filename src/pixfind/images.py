@@ -8,6 +8,7 @@ it at the end while every other file is stored.
 from __future__ import annotations
 
 import errno
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +51,18 @@ def has_image_extension(name: str) -> bool:
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | Path, min_side: int | None = None) -> LoadedImage:
-    """Decode ``path`` to an RGB image.
+def load_image(path: str | Path, min_side: int | None = None, data: bytes | None = None) -> LoadedImage:
+    """Decode ``path`` (or ``data``, its bytes already read) to an RGB image.
 
     ``min_side``: when given, the image may be decoded at reduced size (JPEG DCT scaling via
     ``Image.draft``, an integer box reduction for other formats) as long as its shorter side stays
     at least ``min_side`` pixels. The CLIP transform then resizes it the rest of the way; this
     changes pixels far less than the model notices, and decodes large JPEGs several times faster.
     """
+    if data is not None and not data:
+        raise ImageLoadError("empty file")
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:
             return _decode(img, min_side)
     except ImageLoadError:
         raise

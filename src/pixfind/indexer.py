@@ -3,12 +3,16 @@
 A run is incremental and crash-safe by construction:
 
 * *plan*: scanned files are looked up in the store in chunks; a file whose size and mtime match
-  its row is unchanged and costs nothing more. A new file whose content fingerprint matches a
-  stored row (renamed, moved or copied) takes that row's vector instead of being embedded;
-* *embed*: new and changed files are decoded by a small thread pool running ahead of the model
-  (a bounded queue of futures, so memory stays flat), encoded in batches and upserted. Rows are
-  keyed by path, so a batch written twice (after a crash) replaces itself: exactly once;
-* *prune*: stored rows under the indexed folders whose file is gone are deleted last.
+  its row is unchanged and costs nothing more. A new file whose whole content is stored under
+  another path (renamed, moved or copied: a cheap fingerprint finds candidates, a hash of the
+  whole file confirms) takes that row's vector instead of being embedded;
+* *embed*: new and changed files are read once, hashed and decoded from those bytes by a small
+  thread pool running ahead of the model (a bounded queue of futures, so memory stays flat),
+  encoded in batches and upserted. Rows are keyed by path, so a batch written twice (after a
+  crash) replaces itself: exactly once;
+* *prune*: stored rows under the indexed folders whose file is *known* to be gone are deleted
+  last. A file that cannot be checked (a folder that cannot be read, an empty folder that may be
+  an unmounted drive) keeps its row, and the report says where (``unreadable``, ``empty``).
 
 A stop request (Ctrl-C) finishes the batch in hand, writes it and returns a report marked
 ``interrupted``; the next run picks up where this one stopped.
@@ -32,8 +36,18 @@ from .config import ModelSpec, cpu_cores
 from .errors import PixfindError
 from .images import ImageLoadError, describe_failure, load_image
 from .pathkeys import MAX_KEY_BYTES, key_fits, key_of, path_of
-from .scanner import FileEntry, ScanProblem, fingerprint, is_indexable, scan
-from .store import Row, Store
+from .scanner import (
+    FileEntry,
+    NotRegularFileError,
+    Presence,
+    PresenceCheck,
+    ScanProblem,
+    content_hash,
+    fingerprint,
+    read_file,
+    scan,
+)
+from .store import CONTENT, Row, Store
 
 PLAN_CHUNK = 500
 WRITE_EVERY = 256  # rows buffered before an upsert
@@ -80,9 +94,15 @@ class IndexReport:
     new: int = 0
     updated: int = 0
     unchanged: int = 0
-    moved: int = 0  # new paths that reused a stored vector (renamed, moved or copied files)
+    moved: int = 0  # new paths that took the vector of an identical file now gone (its row went)
+    copied: int = 0  # new paths that took the vector of an identical file still stored
     removed: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    unreadable: dict[str, str] = field(default_factory=dict)  # folder -> reason; rows under it kept
+    kept: dict[str, int] = field(default_factory=dict)  # unreadable folder -> rows kept under it
+    empty: dict[str, int] = field(default_factory=dict)  # empty folder -> rows kept under it
+    roots: int = 0  # folders and files named
+    roots_read: int = 0  # of those, the ones that could be read (a folder listed, an image file)
     embedded: int = 0
     elapsed_s: float = 0.0
     embed_s: float = 0.0
@@ -92,14 +112,23 @@ class IndexReport:
     def images_per_s(self) -> float:
         return self.embedded / self.embed_s if self.embed_s > 0 else 0.0
 
+    @property
+    def nothing_read(self) -> bool:
+        """No folder or file named could be read at all (unreadable, or not an image file)."""
+        return self.roots > 0 and self.roots_read == 0
+
     def to_dict(self) -> dict[str, object]:
         return {
             "new": self.new,
             "updated": self.updated,
             "unchanged": self.unchanged,
             "moved": self.moved,
+            "copied": self.copied,
             "removed": self.removed,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
+            "unreadable": [{"path": p, "reason": r, "kept": self.kept.get(p, 0)} for p, r in self.unreadable.items()],
+            "empty_folders": [{"path": p, "kept": n} for p, n in self.empty.items()],
+            "nothing_read": self.nothing_read,
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
             "interrupted": self.interrupted,
@@ -111,7 +140,6 @@ class _Todo:
     entry: FileEntry
     key: str
     is_update: bool
-    fingerprint: str | None = None
 
 
 @dataclass(slots=True)
@@ -120,7 +148,10 @@ class _Prepared:
     pixels: np.ndarray
     width: int
     height: int
+    size: int  # of the bytes decoded (fstat when opened), not the scan's
+    mtime_ns: int
     fingerprint: str
+    content: str
 
 
 def default_workers(encoder: Encoder) -> int:
@@ -218,10 +249,11 @@ class Indexer:
     def run(self, roots: Iterable[str]) -> IndexReport:
         started = time.perf_counter()
         report = IndexReport()
-        folders = [resolve_root(root) for root in roots]
-        todo = self._plan(folders, report)
+        folders = list(dict.fromkeys(resolve_root(root) for root in roots))
+        report.roots = len(folders)
+        todo, planned_on_rows = self._plan(folders, report)
         if todo and not self.stop.is_set():
-            self._embed(todo, report)
+            self._embed(todo, report, planned_on_rows)
         if not self.stop.is_set():
             self._prune(folders, report)
         report.interrupted = self.stop.is_set()
@@ -232,7 +264,8 @@ class Indexer:
 
     # -- plan -------------------------------------------------------------------------------
 
-    def _plan(self, folders: Sequence[str], report: IndexReport) -> list[_Todo]:
+    def _plan(self, folders: Sequence[str], report: IndexReport) -> tuple[list[_Todo], bool]:
+        """The files to embed, and whether the store had rows to compare them with."""
         todo: list[_Todo] = []
         found = 0
         self.progress.scanning(0)  # shows that a scan is under way before the first image is found
@@ -253,58 +286,99 @@ class Indexer:
                 else:
                     todo.append(_Todo(entry, key, is_update=True))
             if collection_has_rows and fresh:
-                fresh = self._reuse_moved(fresh, report)
+                fresh = self._reuse_stored(fresh, report)
             todo.extend(fresh)
-        return todo
+        return todo, collection_has_rows
 
-    def _reuse_moved(self, fresh: list[_Todo], report: IndexReport) -> list[_Todo]:
-        """Give new files whose content is already stored (renamed, moved, copied) that vector."""
-        for item in fresh:
-            try:
-                item.fingerprint = fingerprint(item.entry.path, item.entry.size)
-            except OSError:
-                item.fingerprint = None  # the decode step will report the problem
-        prints = sorted({item.fingerprint for item in fresh if item.fingerprint})
-        if not prints:
+    def _reuse_stored(self, fresh: list[_Todo], report: IndexReport) -> list[_Todo]:
+        """New files whose whole content is already stored take that row's vector: a *move*
+        when the stored file is known to be gone (its row goes), else a *copy* (both stay).
+
+        The fingerprint (size, first and last 64 KiB) only finds candidates: two images can
+        share it. A candidate is taken only when the new file's content hash equals the one
+        recorded when the stored row was embedded; rows without one (older indexes, schema 1)
+        never lend their vector. Returns the files still to embed.
+        """
+        candidates = self._candidates(fresh)
+        if not candidates:
             return fresh
-        candidates = self.store.find_by_fingerprint(prints)
+        hashes = self._content_hashes([item for item in fresh if item.key in candidates])
+        check = PresenceCheck()
         rows: list[Row] = []
         gone: list[str] = []
         remaining: list[_Todo] = []
         for item in fresh:
-            match = next(
-                (c for c in candidates.get(item.fingerprint or "", []) if c["size"] == item.entry.size),
-                None,
-            )
-            if match is None:
+            content = hashes.get(item.key)
+            same = [c for c in candidates.get(item.key, []) if content and c[CONTENT] == content]
+            if not same:
                 remaining.append(item)
                 continue
+            source = next((c for c in same if c["path"] not in gone and _known_gone(check, c["path"])), None)
+            match = source or same[0]
+            entry = item.entry
             rows.append(
                 Row(
                     item.key,
                     match["vector"],
-                    item.entry.size,
-                    item.entry.mtime_ns,
+                    entry.size,
+                    entry.mtime_ns,
                     match["width"],
                     match["height"],
                     match["fingerprint"],
+                    content,
                 )
             )
-            old_path = path_of(match["path"])
-            if match["path"] != item.key and not is_indexable(old_path):
-                gone.append(match["path"])
-            report.moved += 1
+            if source is not None:
+                gone.append(source["path"])
+                report.moved += 1
+            else:
+                report.copied += 1
         if rows:
             self.store.write(rows)
-            self.store.delete(sorted(set(gone)))  # the old name of a moved file: not a removal
+            self.store.delete(gone)  # the old name of a moved file: not a removal
         return remaining
+
+    def _candidates(self, fresh: list[_Todo]) -> dict[str, list[dict[str, object]]]:
+        """Stored rows that may hold the same content as each new file (by key): same
+        fingerprint and size, and a recorded content hash."""
+        prints: dict[str, str] = {}
+        for item in fresh:
+            with contextlib.suppress(OSError):  # the decode step will report the problem
+                prints[item.key] = fingerprint(item.entry.path, item.entry.size)
+        if not prints:
+            return {}
+        stored = self.store.find_by_fingerprint(sorted(set(prints.values())))
+        found: dict[str, list[dict[str, object]]] = {}
+        for item in fresh:
+            rows = [
+                row
+                for row in stored.get(prints.get(item.key, ""), [])
+                if row["size"] == item.entry.size and row.get(CONTENT)
+            ]
+            if rows:
+                found[item.key] = rows
+        return found
+
+    def _content_hashes(self, items: list[_Todo]) -> dict[str, str]:
+        """The content hash of each file (by key), read in parallel; unreadable files left out."""
+
+        def hashed(item: _Todo) -> tuple[str, str | None]:
+            try:
+                return item.key, content_hash(path=item.entry.path)
+            except OSError:
+                return item.key, None  # the decode step will report the problem
+
+        with ThreadPoolExecutor(self.workers or cpu_cores(), thread_name_prefix="pixfind-hash") as pool:
+            return {key: digest for key, digest in pool.map(hashed, items) if digest}
 
     # -- embed ------------------------------------------------------------------------------
 
-    def _embed(self, todo: list[_Todo], report: IndexReport) -> None:
+    def _embed(self, todo: list[_Todo], report: IndexReport, planned_on_rows: bool) -> None:
         encoder = self._get_encoder()
         batch_size = self.batch_size or default_batch(encoder)
-        self.store.ensure(encoder.spec, encoder.dim)
+        self.store.ensure(encoder.spec, encoder.dim)  # a new Lite file is made here, not before
+        if not planned_on_rows and self.store.count() > 0:
+            todo = self._not_stored_meanwhile(todo, report)  # another run made the index first
         self.progress.start_embedding(len(todo))
         started = time.perf_counter()
         pending: list[Row] = []
@@ -327,22 +401,37 @@ class Indexer:
             self.store.write(pending)
         report.embed_s = time.perf_counter() - started
 
+    def _not_stored_meanwhile(self, todo: list[_Todo], report: IndexReport) -> list[_Todo]:
+        """Drop from ``todo`` the files that another run stored, unchanged, while this one was
+        planning on an index that did not exist yet (it waited for that run's lock)."""
+        left: list[_Todo] = []
+        for start in range(0, len(todo), PLAN_CHUNK):
+            chunk = todo[start : start + PLAN_CHUNK]
+            stored = self.store.lookup([item.key for item in chunk])
+            for item in chunk:
+                row = stored.get(item.key)
+                if row is not None and (row.size, row.mtime_ns) == (item.entry.size, item.entry.mtime_ns):
+                    report.unchanged += 1
+                else:
+                    left.append(item)
+        return left
+
     def _encode(self, batch: list[_Prepared], encoder: Encoder, report: IndexReport) -> list[Row]:
         pixels = np.stack([p.pixels for p in batch])
         with self._turns.model():
             vectors = encoder.encode_images(pixels)
         rows = []
         for prepared, vector in zip(batch, vectors, strict=True):
-            entry = prepared.todo.entry
             rows.append(
                 Row(
                     prepared.todo.key,
                     vector,
-                    entry.size,
-                    entry.mtime_ns,
+                    prepared.size,
+                    prepared.mtime_ns,
                     prepared.width,
                     prepared.height,
                     prepared.fingerprint,
+                    prepared.content,
                 )
             )
             if prepared.todo.is_update:
@@ -386,32 +475,52 @@ class Indexer:
     # -- prune ------------------------------------------------------------------------------
 
     def _prune(self, folders: Sequence[str], report: IndexReport) -> None:
+        """Delete the rows under ``folders`` whose files are known to be gone; keep (and
+        report) those that cannot be checked."""
         if not self.store.exists():
             return
         for folder in folders:
-            if not os.path.isdir(folder):
+            if os.path.isfile(folder):
                 continue  # a single file named on the command line: nothing else to prune
-            gone = [key for page in self.store.iter_keys(folder) for key in page if not is_indexable(path_of(key))]
+            check = PresenceCheck(top=folder)
+            gone: list[str] = []
+            for page in self.store.iter_keys(folder):
+                for key in page:
+                    verdict = check(path_of(key))
+                    if verdict.presence is Presence.GONE:
+                        gone.append(key)
+                    elif verdict.presence is Presence.UNREADABLE:
+                        report.unreadable.setdefault(verdict.folder, verdict.reason)
+                        report.kept[verdict.folder] = report.kept.get(verdict.folder, 0) + 1
+                    elif verdict.presence is Presence.EMPTY_FOLDER:
+                        report.empty[verdict.folder] = report.empty.get(verdict.folder, 0) + 1
             if gone:
                 report.removed += self.store.delete(gone)
 
 
+def _known_gone(check: PresenceCheck, key: str) -> bool:
+    return check(path_of(key)).presence is Presence.GONE
+
+
 def _prepare(item: _Todo, encoder: Encoder, min_side: int | None, turns: CpuTurns) -> _Prepared | tuple[str, str]:
-    """Runs in a decode thread: fingerprint (reads 128 KiB), then, in the decoders' turn,
-    decode and preprocess. Failures become (path, reason)."""
+    """Runs in a decode thread: read the file once; then, in the decoders' turn, hash those bytes
+    (fingerprint and content hash) and decode them. Failures become (path, reason)."""
     path = item.entry.path
     try:
-        fp = item.fingerprint or fingerprint(path, item.entry.size)
+        raw = read_file(path)
         with turns.decoding():
-            loaded = load_image(path, min_side=min_side)
+            print_, content = raw.digests()
+            loaded = load_image(path, min_side=min_side, data=raw.data)
             pixels = encoder.preprocess(loaded.image)
     except ImageLoadError as exc:
         return (path, exc.reason)
-    except OSError as exc:  # from the fingerprint: the file vanished or became unreadable
+    except NotRegularFileError as exc:  # swapped for a pipe or folder after the scan
+        return (path, str(exc))
+    except OSError as exc:  # the file vanished or became unreadable after the scan
         return (path, describe_failure(exc, path))
     except Exception as exc:
         return (path, f"cannot process: {exc}")
-    return _Prepared(item, pixels, loaded.width, loaded.height, fp)
+    return _Prepared(item, pixels, loaded.width, loaded.height, raw.size, raw.mtime_ns, print_, content)
 
 
 def _fills_cpu(encoder: Encoder) -> bool:
@@ -420,17 +529,23 @@ def _fills_cpu(encoder: Encoder) -> bool:
 
 def _scan_all(folders: Sequence[str], report: IndexReport, stop: threading.Event) -> Iterator[tuple[FileEntry, str]]:
     for folder in folders:
+        root_read = True
         for found in scan(folder):
             if stop.is_set():
                 return  # Ctrl-C while scanning a large tree: stop now, not at the next chunk
             if isinstance(found, ScanProblem):
-                report.failed.append((found.path, found.reason))
+                root_read = root_read and found.path != folder
+                if found.folder:
+                    report.unreadable.setdefault(found.path, found.reason)
+                else:
+                    report.failed.append((found.path, found.reason))
                 continue
             key = key_of(found.path)
             if not key_fits(key):
                 report.failed.append((found.path, f"path too long to store (over {MAX_KEY_BYTES:,} bytes as a key)"))
                 continue
             yield found, key
+        report.roots_read += root_read
 
 
 def _chunks(items: Iterable[tuple[FileEntry, str]], size: int) -> Iterator[list[tuple[FileEntry, str]]]:
@@ -445,10 +560,13 @@ def _chunks(items: Iterable[tuple[FileEntry, str]], size: int) -> Iterator[list[
 
 
 def resolve_root(root: str) -> str:
-    """Absolute, symlink-free form of a folder or file given by the user; must exist."""
+    """Absolute, symlink-free form of a folder or file given by the user; must exist. One that
+    cannot be read is returned all the same: the scan reports it, and its rows are kept."""
     path = os.path.realpath(os.path.expanduser(root))
-    if not os.path.exists(path):
-        raise PixfindError(f"folder not found: {root}: check the path")
-    if not os.access(path, os.R_OK):
-        raise PixfindError(f"cannot read {root}: permission denied")
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PixfindError(f"folder not found: {root}: check the path") from None
+    except OSError:
+        pass
     return path

@@ -108,17 +108,27 @@ def format_duration(seconds: float) -> str:
 def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
     head = (
         f"{report.new:,} new, {report.updated:,} updated, {report.unchanged:,} unchanged, "
-        f"{report.moved:,} moved, {report.removed:,} removed, {len(report.failed):,} failed "
+        f"{report.moved:,} moved, {report.copied:,} copied, {report.removed:,} removed, "
+        f"{len(report.failed):,} failed, {len(report.unreadable):,} unreadable "
         f"in {format_duration(report.elapsed_s)}"
     )
     if report.embedded:
         head += f" ({report.images_per_s:.1f} images/s)"
     lines = [("stopped early: " if report.interrupted else "indexed: ") + head]
+    for path, reason in list(report.unreadable.items())[:show_failures]:
+        kept = report.kept.get(path, 0)
+        note = f" ({kept:,} indexed image{'s' * (kept != 1)} kept)" if kept else ""
+        lines.append(f"  unreadable {_printable(path)}: {reason}{note}")
     for path, reason in report.failed[:show_failures]:
         lines.append(f"  skipped {_printable(path)}: {reason}")
-    hidden = len(report.failed) - show_failures
+    hidden = max(0, len(report.failed) - show_failures) + max(0, len(report.unreadable) - show_failures)
     if hidden > 0:
         lines.append(f"  ... and {hidden:,} more (--report FILE writes them all as JSON)")
+    for path, kept in report.empty.items():
+        lines.append(
+            f"  folder {_printable(path)} is empty but the index has {kept:,} image{'s' * (kept != 1)} under it: "
+            f"not removing them (a drive not mounted?); `pixfind remove {_printable(path)}` drops them"
+        )
     if report.interrupted:
         lines.append("run the same command again to finish: work done so far is kept")
     return lines

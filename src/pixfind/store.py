@@ -9,12 +9,17 @@ Schema (version 2), explicit, no dynamic fields:
         mtime_ns     nanoseconds    }
         width        pixels as displayed (EXIF rotation applied)
         height
-        fingerprint  hash of size + first and last 64 KiB: finds renamed or moved files
+        fingerprint  hash of size + first and last 64 KiB: finds candidates for renamed, moved
+                     or copied files
+        content      ``blake3:<hex>`` of the whole file, recorded when it is embedded: a candidate
+                     reuses this row's vector only if its own content hash is equal (absent
+                     in rows written before it existed: those are never reused)
 
 Version 1 (collections made before) had the five as typed fields of their own. Milvus Lite
 loads a collection field by field and row by row, only when first asked, and a cold search waits
 for that: at 100k rows it took 1.27 s with the five fields and 1.02 s with one JSON field
 (docs/speed.md). Both layouts are read and written; a collection keeps the one it was made with.
+Schema 1 has no place for the content hash, so its rows never lend their vector to another path.
 
 The collection's description holds JSON recording the app, schema version, model, weights and
 dimension, so a collection is never filled or searched with vectors from another model.
@@ -39,7 +44,7 @@ from typing import Any
 
 from .config import ModelSpec, default_search_ef, is_server_uri, search_ef_from
 from .errors import IndexLockedError, ModelMismatchError, StoreError
-from .pathkeys import MAX_KEY_BYTES, folder_prefix_filter, keys_filter, path_of
+from .pathkeys import MAX_KEY_BYTES, folder_prefix_filter, key_of, keys_filter, path_of
 
 SCHEMA_VERSION = 2
 APP = "pixfind"
@@ -47,6 +52,8 @@ VECTOR = "vector"
 META = "meta"
 #: The file's record: one JSON field ``meta`` from schema 2, fields of their own in schema 1.
 FILE_FIELDS = ("size", "mtime_ns", "width", "height", "fingerprint")
+#: The record's content hash (schema 2's JSON field only).
+CONTENT = "content"
 HIT_FIELDS_V1 = ["width", "height", "size"]
 
 #: The vector metric of new collections. Vectors are unit length (encoders normalise; the store
@@ -140,10 +147,13 @@ class Row:
     width: int
     height: int
     fingerprint: str
+    content: str | None = None  # the whole file's hash (scanner.content_hash); schema 2 only
 
     def to_entity(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
-        record = {name: getattr(self, name) for name in FILE_FIELDS}
+        record: dict[str, Any] = {name: getattr(self, name) for name in FILE_FIELDS}
         if schema >= 2:
+            if self.content:
+                record[CONTENT] = self.content
             return {"path": self.key, VECTOR: unit(self.vector), META: record}
         return {"path": self.key, VECTOR: unit(self.vector), **record}
 
@@ -194,40 +204,59 @@ class LiteLock:
 
     Milvus Lite 2.5's own lock is unreliable (a failed second opener deletes the lock it never
     held, after which two processes write one file), so pixfind takes its own before opening.
-    The lock file holds the owner's pid, to name it in the error.
+    The lock file holds the owner's pid, to name it in the error. It sits beside the file with
+    its links resolved, so that two routes to one file (a symbolic link, the real name) take the
+    one lock.
     """
 
     def __init__(self, db_path: Path, wait: bool = False, timeout: float | None = None) -> None:
-        self.path = db_path.with_name(db_path.name + ".lock")
+        real = db_path.resolve()
+        self.path = real.with_name(real.name + ".lock")
+        self.index = db_path
         self.wait = wait
         self.timeout = timeout
         self._fd: int | None = None
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot create {self.path}: {exc.strerror}; choose a writable place with --uri") from exc
+        self._lock(fd)
+        with contextlib.suppress(OSError):  # the pid is only for messages; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def wait_until_free(self) -> None:
+        """Return once nobody holds the lock (at once if its file does not exist), creating
+        nothing; without ``wait``, raise IndexLockedError if it is held."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # no lock file: nobody is making or using the index
+        self._lock(fd)  # closes fd if it fails
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _lock(self, fd: int) -> None:
+        """Lock ``fd`` exclusively, waiting if asked; on failure ``fd`` is closed."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return
             except BlockingIOError:
                 if not self.wait or (deadline is not None and time.monotonic() > deadline):
                     owner = _read_pid(fd)
                     os.close(fd)
                     who = f"pid {owner}" if owner else "another process"
                     raise IndexLockedError(
-                        f"index {self.path.with_suffix('')} is being used by {who}: "
+                        f"index {self.index} is being used by {who}: "
                         "wait for it to finish (or pass --wait), or use a Milvus server for "
                         "concurrent access"
                     ) from None
                 time.sleep(0.2)
-        with contextlib.suppress(OSError):  # the pid is only for messages; a full disk may refuse it
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
@@ -257,10 +286,17 @@ class Store:
         wait: bool = False,
         create: bool = True,
         search_ef: int | None = None,
+        defer: bool = False,
     ) -> None:
         """``search_ef``: effort of a server search (HNSW ``ef``; IVF ``nprobe`` is derived from
         it), trading speed for recall; None: ``$PIXFIND_SEARCH_EF`` or the default. Embedded
-        Lite indexes are searched exactly and ignore it."""
+        Lite indexes are searched exactly and ignore it.
+
+        ``defer``: a Lite file that does not exist yet is made (its folder, lock file and the
+        file itself) only when a collection is created in it (:meth:`ensure`), so that a run
+        failing before it has anything to store (no weights, an unknown model, no image) leaves
+        nothing behind. Until then the store reads as empty, and holds no lock; the lock is taken
+        before the file is made, so two runs can never both create it."""
         self.uri = uri
         self.token = token
         self.collection = collection
@@ -274,35 +310,63 @@ class Store:
         self._unsynced = False  # written on a server since the last sync
         self._deleted = False  # deleted on a server since the last Strong read
         self._early: _EarlyRead | None = None  # a Lite index opened to read: see _LiteEngineStart
+        self._wait = wait
+        self._pending: Path | None = None  # a deferred Lite file, made by _open_pending()
+        self.client: Any = None
+        if self.is_server:
+            self._open(preload=False)
+            return
+        db = Path(uri).expanduser().absolute()
+        self.uri = str(db)
+        if not create and not db.exists():
+            raise StoreError(f"no index at {db} yet: run `pixfind index FOLDER` first, or pass --uri")
+        self._check_lite_path(db.resolve())
+        if defer and not db.exists():
+            LiteLock(db, wait=wait).wait_until_free()  # another run may be making it right now
+        if defer and not db.exists():
+            self._pending = db
+            return
+        self._open(preload=not create)
+
+    def _open(self, preload: bool) -> None:
+        """Connect; a Lite file is locked first (and its folder made)."""
         if not self.is_server:
-            db = Path(uri).expanduser().absolute()
-            if not create and not db.exists():
-                raise StoreError(f"no index at {db} yet: run `pixfind index FOLDER` first, or pass --uri")
-            self._prepare_lite_path(db)
-            self.uri = str(db)
-            self._lock = LiteLock(db, wait=wait)
+            db = Path(self.uri)
+            self._make_lite_folder(db.resolve())
+            self._lock = LiteLock(db, wait=self._wait)
             self._lock.acquire()
         try:
-            self.client = self._connect() if self.is_server else self._connect_lite(preload=not create)
+            self.client = self._connect() if self.is_server else self._connect_lite(preload=preload)
         except BaseException:
             self.close()
             raise
 
+    def _open_pending(self) -> None:
+        """Make the deferred Lite file now: there is something to store."""
+        if self._pending is not None:
+            self._open(preload=False)  # may fail (the lock is held): then still pending
+            self._pending = None
+            self._info = None  # another run may have made it meanwhile: read its record
+
     # -- connection -------------------------------------------------------------------------
 
     @staticmethod
-    def _prepare_lite_path(db: Path) -> None:
+    def _check_lite_path(db: Path) -> None:
+        """Refuse, without creating anything, a Lite location that cannot work (``db`` with its
+        links resolved: Milvus Lite opens that file)."""
         if not set(db.name) <= LITE_NAME_CHARS or len(db.name) > LITE_NAME_MAX:
             raise StoreError(
                 f"Milvus Lite cannot use the file name {db.name!r}: use at most {LITE_NAME_MAX} letters, "
                 "digits, '.', '-' or '_' (e.g. --uri pixfind.db)"
             )
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create folder {db.parent}: {exc.strerror}; pass --uri with a writable path"
-            ) from exc
+        existing = db.parent
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StoreError(f"cannot create folder {db.parent}: {existing} is a file; pass --uri with a writable path")
+        if not os.access(existing, os.W_OK):
+            what = "index folder" if existing == db.parent else f"cannot create folder {db.parent}:"
+            raise StoreError(f"{what} {existing} is not writable: pass --uri with a writable path")
         if db.exists() and db.is_dir():
             raise StoreError(f"{db} is a folder, not an index file: pass --uri FILE.db")
         if db.exists() and db.stat().st_size > 0 and not _looks_like_lite(db):
@@ -310,6 +374,15 @@ class Store:
                 f"{db} is not a Milvus Lite index (foreign or corrupt file): "
                 "move it away or pass --uri with another path"
             )
+
+    @staticmethod
+    def _make_lite_folder(db: Path) -> None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create folder {db.parent}: {exc.strerror}; pass --uri with a writable path"
+            ) from exc
         if not os.access(db.parent, os.W_OK):
             raise StoreError(f"index folder {db.parent} is not writable: pass --uri with a writable path")
 
@@ -437,6 +510,8 @@ class Store:
     # -- collection ---------------------------------------------------------------------------
 
     def exists(self) -> bool:
+        if self._pending is not None:
+            return False
         return bool(self._call(self.client.has_collection, self.collection))
 
     def info(self) -> CollectionInfo | None:
@@ -474,6 +549,7 @@ class Store:
 
     def ensure(self, model: ModelSpec, dim: int) -> CollectionInfo:
         """Open the collection for ``model``, creating it if needed; refuse another model's."""
+        self._open_pending()
         info = self.info()
         if info is not None:
             check_same_model(info, model, dim, self.collection)
@@ -575,6 +651,8 @@ class Store:
     def lookup(self, keys: Sequence[str]) -> dict[str, StoredFile]:
         """Stored size/mtime/fingerprint for those of ``keys`` that are in the index."""
         found: dict[str, StoredFile] = {}
+        if self._pending is not None:
+            return found
         fields = ["path", *record_fields(self._schema())]
         for start in range(0, len(keys), LOOKUP_BATCH):
             chunk = list(keys[start : start + LOOKUP_BATCH])
@@ -589,6 +667,8 @@ class Store:
         """Rows (with vectors, the record's entries at the top level) whose fingerprint is one of
         ``fingerprints``: rename candidates."""
         out: dict[str, list[dict[str, Any]]] = {}
+        if self._pending is not None:
+            return out
         schema = self._schema()
         field = f'{META}["fingerprint"]' if schema >= 2 else "fingerprint"
         for start in range(0, len(fingerprints), LOOKUP_BATCH):
@@ -622,7 +702,7 @@ class Store:
             return
         start, size = 0, 0
         for end, row in enumerate(rows):
-            row_bytes = 4 * len(row.vector) + len(row.key.encode()) + len(row.fingerprint) + 128
+            row_bytes = 4 * len(row.vector) + len(row.key.encode()) + len(row.fingerprint) + 256
             if end > start and (end - start >= SERVER_WRITE_ROWS or size + row_bytes > SERVER_WRITE_BYTES):
                 yield rows[start:end]
                 start, size = end, 0
@@ -645,12 +725,34 @@ class Store:
         self._deleted = self._deleted or (self.is_server and deleted > 0)
         return deleted
 
+    def delete_paths(self, paths: Sequence[str]) -> int:
+        """Remove the row of each of ``paths`` (absolute) and the rows of every file under it (a
+        folder, existing or not); returns how many rows went. Names go through :mod:`pathkeys`,
+        so a folder ``a_b`` never takes ``axb``'s rows with it."""
+        if not self.exists():
+            return 0
+        deleted = 0
+        for path in dict.fromkeys(paths):
+            expr = f"{keys_filter([key_of(path)])} or {folder_prefix_filter(path)}"
+            found = self._call(
+                self.client.query, self.collection, filter=expr, output_fields=["count(*)"], **self._reads()
+            )
+            count = int(found[0]["count(*)"]) if found else 0
+            if count:
+                self._call(self.client.delete, self.collection, filter=expr)
+                self._unsynced = self.is_server
+                self._deleted = self.is_server
+                deleted += count
+        return deleted
+
     def iter_keys(self, folder: str | None = None, batch: int = ITER_BATCH) -> Iterator[list[str]]:
         """Stream the stored keys (under ``folder``), ``batch`` at a time, without holding all.
 
         A query iterator pages through the keys in order, so a million stored rows never sit in
         client memory at once.
         """
+        if self._pending is not None:
+            return
         expr = folder_prefix_filter(folder) if folder else 'path != ""'
         if self._unsynced:
             self.sync()  # the iterator reads at its own timestamp, not this process's session
@@ -685,6 +787,8 @@ class Store:
     def search(
         self, vectors: Sequence[Sequence[float]], limit: int, folder: str | None = None
     ) -> list[list[SearchHit]]:
+        if self._pending is not None:
+            return [[] for _ in vectors]
         reads = self._reads()
         results = self._call(
             self.client.search,
@@ -769,6 +873,8 @@ class Store:
         return self._index_described
 
     def vectors_of(self, keys: Sequence[str]) -> dict[str, list[float]]:
+        if self._pending is not None:
+            return {}
         rows = self._call(
             self.client.query,
             self.collection,
@@ -961,8 +1067,55 @@ def _lite_engine_command(key: str) -> _LiteCommand | None:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH")}
     library_path = str(bin_dir) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
     env.update(LD_LIBRARY_PATH=library_path, DYLD_LIBRARY_PATH=library_path)
+    home = _engine_home()
+    if home is not None:
+        env["HOME"] = home
     args = [str(bin_dir / "milvus"), key, f"unix:{socket_path}", level, lock_path]
     return _LiteCommand(args, env, socket_path, lock_path, str(db.parent))
+
+
+_ENGINE_HOME: list[str] = []  # the folder made by _engine_home() in this process, if any
+_ENGINE_HOME_LOCK = threading.Lock()
+
+
+def _engine_home() -> str | None:
+    """A HOME for the Milvus Lite engine where it can work, or None to keep the user's.
+
+    The engine keeps its memory-mapped data under ``$HOME/.cache/milvus``; where that cannot be
+    made (a service account, a locked-down container) every write fails with ``Assert
+    "init_flag_ == true" => Mmap manager has not been init``. It then gets a folder of its own:
+    ``milvus-lite`` in pixfind's cache folder, or else a private temporary folder, removed when
+    the process ends. The engine empties ``.cache/milvus`` itself when it stops.
+    """
+    from .config import cache_dir
+
+    home = os.environ.get("HOME")
+    if home and _can_create(Path(home) / ".cache" / "milvus"):
+        return None
+    own = cache_dir() / "milvus-lite"
+    with contextlib.suppress(OSError):
+        (own / ".cache").mkdir(parents=True, exist_ok=True)
+        if os.access(own / ".cache", os.W_OK):
+            return str(own)
+    with _ENGINE_HOME_LOCK:
+        if not _ENGINE_HOME:
+            import atexit
+            import shutil
+            import tempfile
+
+            made = tempfile.mkdtemp(prefix="pixfind-milvus-")
+            atexit.register(shutil.rmtree, made, True)
+            _ENGINE_HOME.append(made)
+    return _ENGINE_HOME[0]
+
+
+def _can_create(path: Path) -> bool:
+    """Could this process make ``path`` (or does it exist as a writable folder)?"""
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def _start_lite_engine(db: str) -> bool:
