@@ -149,7 +149,7 @@ def index(
         from .render import summary_lines
 
         for line in summary_lines(result):
-            err.print(line, markup=False, highlight=False)
+            _say(line)
     if result.interrupted:
         raise typer.Exit(130)
 
@@ -290,7 +290,7 @@ def _show_hits(hits: list[Any], as_json: bool, grid: Path | None) -> None:
         from .render import write_grid
 
         written = write_grid(hits, grid)
-        err.print(f"wrote {written} ({len(hits)} tiles)", markup=False, highlight=False)
+        _say(f"wrote {written} ({len(hits)} tiles)")
     _print_hits(hits, as_json)
 
 
@@ -356,8 +356,10 @@ def info(
         rows.append(("images", "0 (not created yet: run pixfind index FOLDER)"))
     if "size_bytes" in data:
         rows.append(("size on disk", _human_bytes(data["size_bytes"])))
+    from .render import printable
+
     for name, value in rows:
-        out.print(f"{name:>13}  {value}", markup=False, highlight=False)
+        out.print(f"{name:>13}  {printable(value)}", markup=False, highlight=False)
 
 
 def _human_bytes(count: int) -> str:
@@ -402,7 +404,7 @@ def serve(
         host=host,
         port=port,
         index=index,
-        echo=lambda line: err.print(line, markup=False),
+        echo=_say,
         exact=exact,
     )
 
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except PixfindError as exc:
-        err.print(f"pixfind: error: {exc}", markup=False, highlight=False)
+        _say(f"pixfind: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("pixfind: interrupted", markup=False)
@@ -425,13 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("PIXFIND_DEBUG"):
             raise
-        err.print(
-            f"pixfind: internal error: {type(exc).__name__}: {exc} (set PIXFIND_DEBUG=1 for details)",
-            markup=False,
-            highlight=False,
-        )
+        _say(f"pixfind: internal error: {type(exc).__name__}: {exc} (set PIXFIND_DEBUG=1 for details)")
         return 70
     return 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr, as it is (no markup), with the names it quotes made harmless."""
+    from .render import printable
+
+    err.print(printable(line), markup=False, highlight=False)
 
 
 def run() -> None:
