@@ -214,3 +214,11 @@ def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ign
         server.wait(30)
     with Store(uri) as store:
         assert store.index_type() == "FLAT"
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0, err
+    assert out == f"pixfind {version('pixfind')}\n"

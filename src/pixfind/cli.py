@@ -31,6 +31,25 @@ err = Console(stderr=True, soft_wrap=True)
 if not out.is_terminal:
     out.width = 4096  # piped output: never fold a path across lines
 
+
+def _show_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        out.print(f"pixfind {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_show_version, help="Print pixfind's version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
 # -- shared options --------------------------------------------------------------------------
 
 UriOpt = Annotated[
