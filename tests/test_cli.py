@@ -75,6 +75,7 @@ def test_rerun_is_incremental_and_info_reports(indexed, tmp_path: Path, capsys: 
         (["index", "{tmp}/missing", "--uri", "{tmp}/x.db"], "folder not found"),
         (["search", "--uri", "{tmp}/x.db"], "give exactly one of"),
         (["index", "{tmp}", "--uri", "{tmp}/m.db", "--model", "ViT-Nope"], "unknown model"),
+        (["index", "{tmp}", "--uri", "{tmp}/m.db", "--checkpoint", "{tmp}"], "is a folder"),  # checked first
         (["search", "dog", "--uri", "http://127.0.0.1:9"], "cannot reach Milvus at http://127.0.0.1:9"),
     ],
 )

@@ -201,7 +201,10 @@ def known_models() -> list[str]:
 
 
 def check_model_name(spec: ModelSpec) -> None:
-    """Refuse an architecture open_clip does not know, before any work is done."""
+    """Refuse an architecture open_clip does not know, or a checkpoint that is not a file, before
+    any work is done."""
+    if spec.checkpoint:
+        check_checkpoint_path(spec.checkpoint)
     if spec.name.startswith("hf-hub:"):
         return  # resolved by open_clip from the hub when loaded
     names = known_models()
@@ -217,8 +220,7 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
 
     check_model_name(spec)
     if spec.checkpoint:
-        if not Path(spec.checkpoint).is_file():
-            raise ModelLoadError(f"checkpoint file not found: {spec.checkpoint}")
+        check_checkpoint_path(spec.checkpoint)
         pretrained: str | None = spec.checkpoint
     else:
         pretrained = spec.pretrained
@@ -244,16 +246,106 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         raise
     except Exception as exc:
         if spec.checkpoint:
+            problem = checkpoint_problem(Path(spec.checkpoint), spec.name) or _first_sentence(exc)
             raise ModelLoadError(
-                f"cannot load checkpoint {spec.checkpoint} into {spec.name}: {_first_line(exc)}"
+                f"cannot load checkpoint {spec.checkpoint}: {problem}; "
+                f"give {spec.name}'s state_dict, saved by torch.save or safetensors"
             ) from exc
         raise ModelLoadError(
-            f"cannot get weights for {spec.describe()} ({_first_line(exc)}): connect to the "
+            f"cannot get weights for {spec.describe()} ({_first_sentence(exc)}): connect to the "
             f"internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
             "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
         ) from exc
     tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=str(weights_dir))
     return model, transform, tokenizer
+
+
+def check_checkpoint_path(checkpoint: str) -> None:
+    """Refuse a checkpoint that is not a file at once (before any scan or model load); a folder
+    downloaded from a model hub holds the file to give."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        inside = [path / name for name in _WEIGHT_FILES if (path / name).is_file()]
+        hint = f": pass {inside[0]}" if inside else ": give the weights file"
+        raise ModelLoadError(f"checkpoint {checkpoint} is a folder{hint}")
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file not found: {checkpoint}")
+
+
+def checkpoint_problem(path: Path, name: str) -> str | None:
+    """What is wrong with a weights file open_clip could not load into ``name``, in a few words,
+    found by reading it the way open_clip does (None when nothing is found). Called after a
+    failure only: it builds the architecture once more to compare the weights' names and shapes."""
+    import torch
+
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if path.suffix == ".safetensors":  # open_clip reads these with safetensors, by suffix
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(str(path))
+        except Exception:
+            return "not a safetensors file"
+    else:
+        with path.open("rb") as fh:
+            head = fh.read(64)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: zip, or a pickle
+            return "not a torch or safetensors weights file" + _looks_like(head)
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:
+            return (
+                "it holds Python objects besides tensors, which pixfind does not load (a weights file "
+                "could run code), or it is damaged"
+            )
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            return f"it holds a {type(loaded).__name__}, not a state dict"
+        weights = {str(key).removeprefix("module."): value for key, value in loaded.items()}
+    return _weights_mismatch(weights, name)
+
+
+def _weights_mismatch(weights: dict[str, Any], name: str) -> str | None:
+    import open_clip
+
+    expected = _quietly(open_clip.create_model, name, pretrained=None).state_dict()
+    missing = [key for key in expected if key not in weights]
+    foreign = [key for key in weights if key not in expected]
+    if missing or foreign:
+        parts = []
+        if missing:
+            share = (
+                f"all {len(expected)} of its"
+                if len(missing) == len(expected)
+                else f"{len(missing)} of its {len(expected)}"
+            )
+            parts.append(f"{share} weights are missing (e.g. {missing[0]!r})")
+        if foreign:
+            verb = "is" if len(foreign) == 1 else "are"
+            parts.append(f"{len(foreign)} {verb} not its own (e.g. {foreign[0]!r})")
+        return f"not an open_clip state dict for {name}: " + ", ".join(parts)
+    for key, tensor in expected.items():
+        found = tuple(getattr(weights[key], "shape", ()))
+        if found != tuple(tensor.shape):
+            return (
+                f"weights of another size: {key!r} is {found} in the file, {tuple(tensor.shape)} in the model "
+                "(a checkpoint for another --model?)"
+            )
+    return None
+
+
+def _looks_like(head: bytes) -> str:
+    """`` (it is text: "...")`` for a text file, else nothing: what the user gave by mistake."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if not text.isprintable() and not all(c.isprintable() or c in "\n\r\t" for c in text):
+        return ""
+    sample = " ".join(text.split())[:40]
+    return f" (it is text: {sample!r})"
 
 
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -316,3 +408,14 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its type's name when it has none), shortened."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def _first_sentence(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's first line, whole: torch's messages run for
+    paragraphs, and a line cut at a fixed width ended mid-word ("Re-running `torch.")."""
+    line = _first_line(exc, limit=10_000)
+    end = line.find(". ")
+    sentence = line[: end + 1] if end > 0 else line
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
