@@ -223,3 +223,30 @@ def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[st
     code, out, err = run(capsys, "--version")
     assert code == 0, err
     assert out == f"pixfind {version('pixfind')}\n"
+
+
+def test_cuda_asked_for_without_cuda_is_the_same_error_everywhere(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An explicit --device cuda on a machine where torch sees no CUDA: index (with or without
+    new files) and every kind of search refuse it with the same line; auto runs on the CPU."""
+    import torch
+
+    uri, photos = indexed
+    attempts = [
+        ["index", str(tmp_path / "photos"), "--uri", str(tmp_path / "fresh.db")],  # needs the model
+        ["index", str(tmp_path / "photos"), "--uri", uri],  # nothing new to embed
+        ["search", "a white dog", "--uri", uri],  # the torch-free text path
+        ["search", "--image", str(photos[0]), "--uri", uri],
+    ]
+    said = set()
+    for args in attempts:
+        code, out, err = run(capsys, *args, "--device", "cuda")
+        if torch.cuda.is_available():  # on a GPU machine the same commands simply work
+            assert code == 0, err
+            continue
+        assert code == 1 and err.count("\n") == 1 and "CUDA" in err and "--device" in err, (args, err)
+        said.add(err)
+    assert len(said) <= 1, said
+    code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--device", "auto", "--json")
+    assert code == 0 and len(json.loads(out)) == 7, err
+    code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--device", "gpu")
+    assert code == 1 and "unknown device 'gpu'" in err and err.count("\n") == 1

@@ -112,8 +112,10 @@ class ImageIndex:
         if self._encoder is not None:
             return self._encoder
         if self._query_encoder is None:
+            from .encoder import check_device
             from .textquery import load_text_encoder
 
+            check_device(self.settings.device)  # the ONNX text tower runs on the CPU: refuse as indexing does
             self._query_encoder = load_text_encoder(self.model_spec())
         return self._query_encoder if self._query_encoder is not None else self.encoder
 
@@ -124,9 +126,11 @@ class ImageIndex:
         torch's global random generator, which must not happen behind the caller's back.)"""
         if self._encoder is not None or self._query_encoder is not None:
             return self.query_encoder
+        from .encoder import check_device
         from .textquery import load_text_encoder
 
         spec = self.model_spec()  # a model mismatch fails here, in the caller's thread
+        check_device(self.settings.device)  # and a device this machine lacks
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixfind-query-encoder")
         loading = pool.submit(load_text_encoder, spec)
         pool.shutdown(wait=False)
@@ -155,10 +159,12 @@ class ImageIndex:
         if not folders:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
         spec = self.model_spec()  # fail early on a model mismatch, before scanning
-        if self.store.info() is None and self._encoder is None:
-            from .encoder import check_model_name
+        if self._encoder is None:
+            from .encoder import check_device, check_model_name
 
-            check_model_name(spec)  # a typo must not pass silently because no image was new
+            check_device(self.settings.device)  # as a search would, even when no image is new
+            if self.store.info() is None:
+                check_model_name(spec)  # a typo must not pass silently because no image was new
         indexer = Indexer(
             self.store,
             lambda: self.encoder,

@@ -7,6 +7,7 @@ product is the cosine, and callers never touch torch.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +25,61 @@ if TYPE_CHECKING:
 RANDOM_WEIGHTS_SEED = 0
 
 
-def pick_device(requested: str = "auto") -> str:
+_DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def check_device(requested: str) -> str:
+    """``requested`` as a device this machine can run (lower case), else one ModelLoadError line.
+
+    Indexing and every kind of search call this before choosing a model runtime, so an explicit
+    ``cuda`` without CUDA is refused by both alike (a text query runs on the CPU either way, and
+    once ran there silently). torch is imported only when an NVIDIA driver is present: without
+    one, CUDA cannot be there."""
+    device = requested.strip().lower()
+    if not _DEVICES.fullmatch(device):
+        raise ModelLoadError(f"unknown device {requested!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        _check_cuda(device)
+    elif device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(
+                "device mps (--device or PIXFIND_DEVICE): Metal is not available here; use auto or cpu"
+            )
+    return device
+
+
+def _check_cuda(device: str) -> None:
+    asked = f"device {device} (--device or PIXFIND_DEVICE)"
+    fix = "use auto (the CPU when there is no GPU) or cpu"
+    if not nvidia_driver_present():
+        raise ModelLoadError(f"{asked}: CUDA is not available on this machine (no NVIDIA driver); {fix}")
     import torch
 
-    if requested == "auto":
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "torch cannot use the GPU"
+        raise ModelLoadError(f"{asked}: CUDA is not available ({why}); {fix}")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelLoadError(f"{asked}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver is loaded: without one CUDA is impossible, and torch (2+ s) need not be asked."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+
+
+def pick_device(requested: str = "auto") -> str:
+    device = check_device(requested)
+    if device == "auto":
+        if not nvidia_driver_present():
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {requested!r} requested but CUDA is not available: use --device cpu")
-    return requested
+    return device
 
 
 def configure_threads(threads: int | None = None) -> int:

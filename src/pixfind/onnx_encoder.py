@@ -281,10 +281,13 @@ def load_encoder(
 ) -> ClipEncoder | OnnxClipEncoder:
     """The encoder to use: ``backend`` "onnx", "torch" or "auto"/None (``$PIXFIND_BACKEND``,
     default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback)."""
+    from .encoder import check_device
+
     backend = (backend or os.environ.get("PIXFIND_BACKEND") or "auto").lower()
     if backend not in ("auto", "onnx", "torch"):
         raise ModelLoadError(f"unknown backend {backend!r}: choose auto, onnx or torch")
-    if backend == "auto" and (device.startswith("cuda") or (device == "auto" and _gpu_present())):
+    device = check_device(device)
+    if backend == "auto" and (device not in ("auto", "cpu") or (device == "auto" and _gpu_present())):
         backend = "torch"
     if backend != "torch":
         encoder = OnnxClipEncoder.open(spec, threads=threads, int8=int8)
@@ -300,7 +303,7 @@ def load_encoder(
             backend = "torch"
     from .encoder import ClipEncoder, configure_threads
 
-    if backend == "torch" or device.startswith("cuda"):
+    if backend == "torch" or device not in ("auto", "cpu"):
         configure_threads(threads)
         return ClipEncoder(spec, device)
     torch_encoder = ClipEncoder(spec, "cpu")
@@ -327,8 +330,6 @@ def _failure_text(exc: BaseException) -> str:
 
 def _gpu_present() -> bool:
     """CUDA usable? Only imports torch (2+ s) when an NVIDIA driver is there at all."""
-    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()):
-        return False
     from .encoder import pick_device
 
     return pick_device("auto") != "cpu"
