@@ -250,3 +250,28 @@ def test_cuda_asked_for_without_cuda_is_the_same_error_everywhere(indexed, tmp_p
     assert code == 0 and len(json.loads(out)) == 7, err
     code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--device", "gpu")
     assert code == 1 and "unknown device 'gpu'" in err and err.count("\n") == 1
+
+
+def test_no_matches_under_a_folder_says_why(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, photos = indexed
+    (tmp_path / "elsewhere").mkdir()
+    cases = [
+        (tmp_path / "nowhere", "does not exist"),
+        (photos[0], "is a file"),
+        (tmp_path / "elsewhere", "nothing in the index is under"),
+    ]
+    for under, expected in cases:
+        for extra in ([], ["--json"]):
+            code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(under), *extra)
+            assert code == 0 and expected in err and str(under) in err and err.count("\n") == 1, err
+            assert out.strip() == ("[]" if extra else "")  # stdout holds results only
+    code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(photos[0].parent), "--json")
+    assert code == 0 and len(json.loads(out)) == 7 and err == ""
+
+
+def test_query_image_that_is_a_folder_says_so(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, photos = indexed
+    code, _, err = run(capsys, "search", "--image", str(photos[0].parent), "--uri", uri)
+    assert code == 1 and "is a folder" in err and "not found" not in err and err.count("\n") == 1
+    code, _, err = run(capsys, "search", "--image", str(tmp_path / "gone.jpg"), "--uri", uri)
+    assert code == 1 and "query image not found" in err

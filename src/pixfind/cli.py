@@ -292,7 +292,7 @@ def search(
         )
     hits = None if image else _search_via_server(uri, collection, query, similar, limit, under)
     if hits is not None:
-        _show_hits(hits, as_json, grid)
+        _show_hits(hits, as_json, grid, under)
         return
     with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
         if query:
@@ -301,16 +301,32 @@ def search(
             hits = idx.search_image(image, limit=limit, under=under)
         else:
             hits = idx.similar(str(similar), limit=limit, under=under)
-        _show_hits(hits, as_json, grid)  # before closing: stopping Milvus Lite and exiting take 0.05-0.1 s
+        _show_hits(hits, as_json, grid, under)  # before closing: stopping Milvus Lite and exiting take 0.05-0.1 s
 
 
-def _show_hits(hits: list[Any], as_json: bool, grid: Path | None) -> None:
+def _show_hits(hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None) -> None:
+    if not hits:
+        _print_hits(hits, as_json)
+        _say(_why_no_matches(under))  # then an empty --grid is an error
     if grid:
         from .render import write_grid
 
         written = write_grid(hits, grid)
         _say(f"wrote {written} ({len(hits)} tiles)")
-    _print_hits(hits, as_json)
+    if hits:
+        _print_hits(hits, as_json)
+
+
+def _why_no_matches(under: str | None) -> str:
+    """The hint for an empty result: only a folder filter can empty it (an empty index is an error)."""
+    if not under:
+        return "no matches"
+    where = os.path.expanduser(under)
+    if os.path.isdir(where):
+        return f"no matches: nothing in the index is under {under} (pixfind index {under} adds it)"
+    if os.path.exists(where):
+        return f"no matches: --under takes a folder, and {under} is a file (pictures like it: --similar {under})"
+    return f"no matches: --under {under} does not exist (check the path)"
 
 
 def _search_via_server(
@@ -339,9 +355,7 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
 
     if as_json:
         sys.stdout.write(hits_json(hits) + "\n")
-    elif not hits:
-        err.print("no matches", markup=False)
-    else:
+    elif hits:
         out.print(hits_table(hits))
 
 
