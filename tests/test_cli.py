@@ -266,7 +266,7 @@ def test_no_matches_under_a_folder_says_why(indexed, tmp_path: Path, capsys) -> 
             assert code == 0 and expected in err and str(under) in err and err.count("\n") == 1, err
             assert out.strip() == ("[]" if extra else "")  # stdout holds results only
     code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(photos[0].parent), "--json")
-    assert code == 0 and len(json.loads(out)) == 7 and err == ""
+    assert code == 0 and len(json.loads(out)) == 7 and "no matches" not in err
 
 
 def test_query_image_that_is_a_folder_says_so(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -275,3 +275,28 @@ def test_query_image_that_is_a_folder_says_so(indexed, tmp_path: Path, capsys) -
     assert code == 1 and "is a folder" in err and "not found" not in err and err.count("\n") == 1
     code, _, err = run(capsys, "search", "--image", str(tmp_path / "gone.jpg"), "--uri", uri)
     assert code == 1 and "query image not found" in err
+
+
+def test_random_weights_are_pointed_out_once_on_stderr(
+    indexed, small_encoder, tmp_path: Path, capsys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    uri, photos = indexed  # built with PIXFIND_PRETRAINED=none
+    for extra in ([], ["--json"], ["--image", str(photos[0])]):
+        query = [] if "--image" in extra else ["a white dog"]
+        code, out, err = run(capsys, "search", *query, "--uri", uri, *extra)
+        assert code == 0 and err.count("random weights") == 1 and err.count("\n") == 1, err
+        assert "random weights" not in out
+        if "--json" in extra:
+            assert len(json.loads(out)) == 7
+
+    checkpoint = tmp_path / "weights.pt"  # real (if untrained) weights from a file: no reminder
+    torch.save(small_encoder.model.state_dict(), checkpoint)
+    other = str(tmp_path / "ckpt.db")
+    code, _, err = run(capsys, "index", str(photos[0].parent), "--uri", other, "--checkpoint", str(checkpoint))
+    assert code == 0 and "random weights" not in err, err
+    monkeypatch.delenv("PIXFIND_PRETRAINED")  # search as recorded, asking for no model
+    monkeypatch.delenv("PIXFIND_MODEL")
+    code, out, err = run(capsys, "search", "a white dog", "--uri", other)
+    assert code == 0 and err == "", err

@@ -160,6 +160,7 @@ def index(
         # batch and keeps what was written; before it there is nothing to save
         with _stop_on_sigint(stop):
             result = idx.add(*folders, progress=progress, stop=stop)
+        spec = idx.model_spec()
     if report:
         from .render import json_text
 
@@ -169,6 +170,7 @@ def index(
 
         for line in summary_lines(result):
             _say(line)
+        _note_random_weights(spec)
     if result.interrupted:
         raise typer.Exit(130)
 
@@ -302,6 +304,18 @@ def search(
         else:
             hits = idx.similar(str(similar), limit=limit, under=under)
         _show_hits(hits, as_json, grid, under)  # before closing: stopping Milvus Lite and exiting take 0.05-0.1 s
+        if hits:
+            _note_random_weights(idx.model_spec())
+
+
+def _note_random_weights(spec: Any) -> None:
+    """Say once, on stderr, that an index of random-weight vectors ranks nothing: a user trying
+    pixfind offline with PIXFIND_PRETRAINED=none may otherwise take its rankings as real."""
+    if spec.weights == "none":
+        _say(
+            "note: this index was built with random weights (--pretrained none): rankings are meaningless; "
+            "index with real weights (in another --collection) for real results"
+        )
 
 
 def _show_hits(hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None) -> None:
