@@ -222,9 +222,11 @@ def test_export_failure_falls_back_to_torch(tmp_path: Path, monkeypatch, caplog)
         raise RuntimeError("simulated exporter bug")
 
     monkeypatch.setattr(onnx_encoder, "_export", broken)
+    said: list[str] = []
     with caplog.at_level("WARNING"):
-        encoder = load_encoder(SPEC, backend="auto", threads=1)
+        encoder = load_encoder(SPEC, backend="auto", threads=1, status=said.append)
     assert isinstance(encoder, ClipEncoder)
+    assert said and said[-1].startswith("preparing ViT-S-32 for this CPU, once")  # what a first run waits for
     assert "simulated exporter bug" in caplog.text
     assert not (export_dir(SPEC) / "meta.json").exists()
     assert not list(export_dir(SPEC).parent.glob(".*.tmp"))  # no half-written folder left

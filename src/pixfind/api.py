@@ -95,11 +95,16 @@ class ImageIndex:
         """The full model for indexing: the exported ONNX towers on CPU (checked against torch;
         images on OpenVINO, see :mod:`pixfind.openvino_visual`), torch on CUDA or when the export
         is not possible (``PIXFIND_BACKEND`` overrides)."""
+        return self.load_encoder()
+
+    def load_encoder(self, status: Callable[[str], None] | None = None) -> Encoder:
+        """:attr:`encoder`, telling ``status`` what takes the time meanwhile (loading the model,
+        downloading its weights, exporting it for the CPU on a first run)."""
         with self._encoder_lock:
             if self._encoder is None:
                 from .onnx_encoder import load_encoder
 
-                self._encoder = load_encoder(self.model_spec(), device=self.settings.device)
+                self._encoder = load_encoder(self.model_spec(), device=self.settings.device, status=status)
             info = self.store.info()
             if info is not None:
                 check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
@@ -167,7 +172,7 @@ class ImageIndex:
                 check_model_name(spec)  # a typo must not pass silently because no image was new
         indexer = Indexer(
             self.store,
-            lambda: self.encoder,
+            lambda: self.load_encoder(getattr(progress, "status", None)),  # a caller's Progress may predate it
             batch_size=batch_size or self.settings.batch_size,  # None: per the loaded model's device
             workers=workers or self.settings.workers,
             draft=self.settings.draft,

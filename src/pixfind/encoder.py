@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,14 +95,21 @@ def configure_threads(threads: int | None = None) -> int:
 class ClipEncoder:
     """An open_clip model with its preprocessing and tokenizer."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", normalise_on_device: bool | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str = "auto",
+        normalise_on_device: bool | None = None,
+        status: Callable[[str], None] | None = None,
+    ) -> None:
         """``normalise_on_device``: hand the model uint8 pixels and normalise them where it runs
-        (None: on a GPU, when the transform is the standard CLIP one)."""
+        (None: on a GPU, when the transform is the standard CLIP one). ``status`` is told when
+        weights are being downloaded."""
         import torch
 
         self.spec = spec
         self.device = pick_device(device)
-        self.model, self._transform, self._tokenizer = _load_open_clip(spec, self.device)
+        self.model, self._transform, self._tokenizer = _load_open_clip(spec, self.device, status)
         self.half = self.device.startswith("cuda")
         if self.half:
             self.model = self.model.half()
@@ -262,7 +270,7 @@ def check_model_name(spec: ModelSpec) -> None:
         raise ModelLoadError(f"unknown model {spec.name!r}: choose an open_clip architecture such as {hint}")
 
 
-def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
+def _load_open_clip(spec: ModelSpec, device: str, status: Callable[[str], None] | None = None) -> tuple[Any, Any, Any]:
     import open_clip
     import torch
 
@@ -278,8 +286,8 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
                 f"no weights {pretrained!r} for {spec.name}: choose --pretrained from {tags}, or --checkpoint FILE"
             )
     weights_dir = cache_dir() / "weights"
-    if pretrained and not spec.checkpoint:
-        _fail_fast_when_offline(spec, weights_dir)
+    if pretrained and not spec.checkpoint and not _fail_fast_when_offline(spec, weights_dir) and status:
+        status(f"downloading the weights of {spec.describe()}, once")
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -399,9 +407,10 @@ def _looks_like(head: bytes) -> str:
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
+def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> bool:
     """Without a network, open_clip spends ~45 s in download retries before failing. When the
-    weights are not cached and the hub cannot be reached in a few seconds, say so at once."""
+    weights are not cached and the hub cannot be reached in a few seconds, say so at once.
+    Returns whether the weights are cached (False: they will be downloaded)."""
     import open_clip
 
     config = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "")
@@ -412,12 +421,12 @@ def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
         for filename in _WEIGHT_FILES:
             for folder in (str(weights_dir), None):
                 if isinstance(try_to_load_from_cache(hub_id, filename, cache_dir=folder), str):
-                    return
+                    return True
         host = "huggingface.co"
     else:
         url = config.get("url", "")
         if url and (weights_dir / os.path.basename(url)).exists():
-            return
+            return True
         host = url.split("/")[2] if url.count("/") >= 2 else ""
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _reachable(host):
         raise ModelLoadError(
@@ -425,6 +434,7 @@ def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
             f"connect to the internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
             "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
         )
+    return False
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:

@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 #: Bump when the export format or the parity checks change: old folders are then ignored.
 EXPORT_VERSION = 2
 OPSET = 17
+#: What a first run tells the user to expect for the export (torch model load, tracing, parity
+#: checks): 15-30 s for ViT-B-32 on 2 cores (docs/speed.md); more for larger models.
+EXPORT_ESTIMATE = "15-30 s"
 #: Largest allowed |ORT - torch| on unit vectors (typically ~3e-6 in fp32).
 PARITY_TOL = 1e-4
 META = "meta.json"
@@ -278,11 +282,14 @@ def load_encoder(
     device: str = "auto",
     threads: int | None = None,
     int8: bool = False,
+    status: Callable[[str], None] | None = None,
 ) -> ClipEncoder | OnnxClipEncoder:
     """The encoder to use: ``backend`` "onnx", "torch" or "auto"/None (``$PIXFIND_BACKEND``,
-    default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback)."""
+    default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback).
+    ``status`` hears what takes the time, for a progress display."""
     from .encoder import check_device
 
+    say = status or _silent
     backend = (backend or os.environ.get("PIXFIND_BACKEND") or "auto").lower()
     if backend not in ("auto", "onnx", "torch"):
         raise ModelLoadError(f"unknown backend {backend!r}: choose auto, onnx or torch")
@@ -305,10 +312,14 @@ def load_encoder(
 
     if backend == "torch" or device not in ("auto", "cpu"):
         configure_threads(threads)
-        return ClipEncoder(spec, device)
-    torch_encoder = ClipEncoder(spec, "cpu")
+        say(f"loading {spec.describe()}")
+        return ClipEncoder(spec, device, status=say)
     failure = _previous_failure(spec)
+    preparing = f"preparing {spec.name} for this CPU, once (~{EXPORT_ESTIMATE})"
+    say(preparing if failure is None else f"loading {spec.describe()}")
+    torch_encoder = ClipEncoder(spec, "cpu", status=say)
     if failure is None:
+        say(preparing)  # again, after any download
         try:
             folder = export(torch_encoder)
             return OnnxClipEncoder(folder, threads=threads, int8=int8)
@@ -320,6 +331,10 @@ def load_encoder(
     log.warning("ONNX export of %s unusable, using torch: %s", spec.describe(), failure)
     configure_threads(threads)
     return torch_encoder
+
+
+def _silent(text: str) -> None:
+    pass
 
 
 def _failure_text(exc: BaseException) -> str:
