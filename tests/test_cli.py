@@ -128,6 +128,12 @@ def test_default_vit_b_32_end_to_end_in_a_fresh_process(make_images, tmp_path: P
     assert len(json.loads(found.stdout)) == 3
     assert "HEAVY=[]" in found.stderr  # the cold query path never imported torch or open_clip
     assert grid.stat().st_size > 0
+    make_images(tmp_path / "photos", 2, start=3)  # and once exported, indexing needs no torch either
+    again = subprocess.run(
+        [sys.executable, "-c", probe, "index", str(tmp_path / "photos")], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "2 new" in again.stderr, again.stderr
+    assert "HEAVY=[]" in again.stderr
     shown = _pixfind("info", "--json", env=env)
     info = json.loads(shown.stdout)
     assert (info["model"], info["dim"]) == ("ViT-B-32", 512)

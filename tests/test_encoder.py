@@ -238,3 +238,30 @@ def test_an_rgb_step_anywhere_is_allowed(small_encoder: ClipEncoder) -> None:
     resize, crop, *rest = [s for s in small_encoder._transform.transforms if type(s).__name__ != "MaybeConvertMode"]
     for steps in ([_convert_to_rgb, resize, crop, *rest], [resize, crop, _convert_to_rgb, *rest]):
         assert clip_normalisation(T.Compose(steps), size) == expected
+
+
+def test_torch_and_torchvision_that_do_not_match_are_one_line(make_images, tmp_path: Path) -> None:
+    """A CPU torch beside PyPI's (CUDA) torchvision fails inside open_clip's import with
+    "operator torchvision::nms does not exist". Simulated by an open_clip that fails the same way,
+    ahead of the real one on the path: the command names the fix instead of an internal error."""
+    import os
+    import subprocess
+    import sys
+
+    shim = tmp_path / "shim" / "open_clip"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    make_images(tmp_path / "photos", 1)
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), src]), "PIXFIND_BACKEND": "torch"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pixfind", "index", str(tmp_path / "photos"), "--uri", str(tmp_path / "i.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr, result.stderr
+    assert "do not work together (operator torchvision::nms does not exist)" in result.stderr
+    assert "pip install --force-reinstall torch torchvision" in result.stderr

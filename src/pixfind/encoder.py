@@ -250,9 +250,7 @@ def known_models() -> list[str]:
     folders = list(found.submodule_search_locations or []) if found else []
     names = {p.stem for folder in folders for p in (Path(folder) / "model_configs").glob("*.json")}
     if not names:  # an unusual install: ask open_clip itself
-        import open_clip
-
-        names = set(open_clip.list_models())
+        names = set(import_open_clip().list_models())
     return sorted(names)
 
 
@@ -271,7 +269,7 @@ def check_model_name(spec: ModelSpec) -> None:
 
 
 def _load_open_clip(spec: ModelSpec, device: str, status: Callable[[str], None] | None = None) -> tuple[Any, Any, Any]:
-    import open_clip
+    open_clip = import_open_clip()
     import torch
 
     check_model_name(spec)
@@ -314,6 +312,32 @@ def _load_open_clip(spec: ModelSpec, device: str, status: Callable[[str], None] 
         ) from exc
     tokenizer = open_clip.get_tokenizer(spec.name, cache_dir=str(weights_dir))
     return model, transform, tokenizer
+
+
+def import_open_clip() -> Any:
+    """open_clip (and with it torch and torchvision), or one line saying how the install is broken.
+
+    The usual break is a CPU torch beside PyPI's torchvision, a CUDA build: importing it fails
+    with "operator torchvision::nms does not exist" (or a missing libc10_cuda.so), which says
+    nothing about the fix."""
+    from importlib.metadata import version
+
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"cannot import open_clip ({_first_sentence(exc)}): reinstall pixfind's dependencies (pip install -e .)"
+        ) from exc
+    except Exception as exc:  # torchvision's compiled operators failed to register
+        try:
+            versions = f"torch {version('torch')} and torchvision {version('torchvision')}"
+        except Exception:
+            versions = "torch and torchvision"
+        raise ModelLoadError(
+            f"{versions} do not work together ({_first_sentence(exc)}): install both from one index, e.g. "
+            "pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+        ) from exc
+    return open_clip
 
 
 def check_checkpoint_path(checkpoint: str) -> None:
@@ -364,7 +388,7 @@ def checkpoint_problem(path: Path, name: str) -> str | None:
 
 
 def _weights_mismatch(weights: dict[str, Any], name: str) -> str | None:
-    import open_clip
+    open_clip = import_open_clip()
 
     expected = _quietly(open_clip.create_model, name, pretrained=None).state_dict()
     missing = [key for key in expected if key not in weights]
@@ -411,7 +435,7 @@ def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> bool:
     """Without a network, open_clip spends ~45 s in download retries before failing. When the
     weights are not cached and the hub cannot be reached in a few seconds, say so at once.
     Returns whether the weights are cached (False: they will be downloaded)."""
-    import open_clip
+    open_clip = import_open_clip()
 
     config = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "")
     hub_id = (config.get("hf_hub") or "").rstrip("/")
