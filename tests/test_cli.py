@@ -306,3 +306,12 @@ def test_random_weights_are_pointed_out_once_on_stderr(
     monkeypatch.delenv("PIXFIND_MODEL")
     code, out, err = run(capsys, "search", "a white dog", "--uri", other)
     assert code == 0 and err == "", err
+
+
+def test_report_that_cannot_be_written_is_refused_before_the_run(make_images, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    make_images(tmp_path / "photos", 1)
+    uri = str(tmp_path / "r.db")
+    for report, expected in ((tmp_path / "missing" / "run.json", "does not exist"), (tmp_path, "is a folder")):
+        code, _, err = run(capsys, "index", str(tmp_path / "photos"), "--uri", uri, "--report", str(report))
+        assert code == 1 and expected in err and err.count("\n") == 1 and "internal error" not in err, err
+        assert not Path(uri).exists()  # refused before any work

@@ -143,6 +143,8 @@ def index(
     wait: WaitOpt = False,
 ) -> None:
     """Embed every image under FOLDERS; re-runs only embed new or changed files and drop deleted ones."""
+    if report:
+        _check_writable(report, "--report")  # now, not after an hour of indexing
     stop = threading.Event()
     with _open(
         uri,
@@ -166,7 +168,10 @@ def index(
     if report:
         from .render import json_text
 
-        report.write_text(json_text(result.to_dict()), encoding="utf-8")
+        try:
+            report.write_text(json_text(result.to_dict()), encoding="utf-8")
+        except OSError as exc:
+            raise PixfindError(f"cannot write --report {report}: {exc.strerror or exc}") from exc
     if not quiet:
         from .render import summary_lines
 
@@ -175,6 +180,17 @@ def index(
         _note_random_weights(spec)
     if result.interrupted:
         raise typer.Exit(130)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse an output file that cannot be written, before the work that produces it."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise PixfindError(f"{option} {path} is a folder: give a file name, e.g. {path / 'run.json'}")
+    if not folder.is_dir():
+        raise PixfindError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PixfindError(f"{option} {path}: permission denied")
 
 
 class RichProgress:
