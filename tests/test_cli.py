@@ -261,9 +261,11 @@ def test_cuda_asked_for_without_cuda_is_the_same_error_everywhere(indexed, tmp_p
 def test_no_matches_under_a_folder_says_why(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     uri, photos = indexed
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "notes.txt").write_text("not a picture")
     cases = [
         (tmp_path / "nowhere", "does not exist"),
-        (photos[0], "is a file"),
+        (photos[0], "is a file (pictures like it: --similar"),
+        (tmp_path / "notes.txt", "is a file"),
         (tmp_path / "elsewhere", "nothing in the index is under"),
     ]
     for under, expected in cases:
@@ -271,6 +273,7 @@ def test_no_matches_under_a_folder_says_why(indexed, tmp_path: Path, capsys) -> 
             code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(under), *extra)
             assert code == 0 and expected in err and str(under) in err and err.count("\n") == 1, err
             assert out.strip() == ("[]" if extra else "")  # stdout holds results only
+            assert ("--similar" in err) == (under == photos[0]), err  # only an image is worth one
     code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(photos[0].parent), "--json")
     assert code == 0 and len(json.loads(out)) == 7 and "no matches" not in err
 

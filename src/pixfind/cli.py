@@ -202,14 +202,14 @@ class RichProgress:
     34,207 img/s for 5 images embedded in one batch."""
 
     def __init__(self, disable: bool, console: Console | None = None, clock: Callable[[], float] | None = None) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         self._clock = clock or time.monotonic
         self._bar = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[count]}"),  # done/total while embedding; the scan counts in its description
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TextColumn("{task.fields[eta]}"),
@@ -235,7 +235,7 @@ class RichProgress:
         self._ensure_started()
         if self._task is not None:
             self._bar.remove_task(self._task)
-        self._task = self._bar.add_task("embedding", total=total, rate="", eta="")
+        self._task = self._bar.add_task("embedding", total=total, count=f"0/{total:,}", rate="", eta="")
         self._embedding_since = self._clock()
 
     def embedded(self, count: int) -> None:
@@ -243,6 +243,7 @@ class RichProgress:
             return
         self._bar.advance(self._task, count)
         task = self._bar.tasks[-1]
+        self._bar.update(self._task, count=f"{task.completed:,}/{task.total or 0:,}")
         elapsed = self._clock() - self._embedding_since
         if elapsed <= 0:
             return
@@ -258,7 +259,7 @@ class RichProgress:
     def _ensure_task(self, description: str) -> None:
         self._ensure_started()
         if self._task is None:
-            self._task = self._bar.add_task(description, total=None, rate="", eta="")
+            self._task = self._bar.add_task(description, total=None, count="", rate="", eta="")
 
     def _ensure_started(self) -> None:
         if not self._started:
@@ -349,10 +350,7 @@ def _note_random_weights(spec: Any) -> None:
     """Say once, on stderr, that an index of random-weight vectors ranks nothing: a user trying
     pixfind offline with PIXFIND_PRETRAINED=none may otherwise take its rankings as real."""
     if spec.weights == "none":
-        _say(
-            "note: this index was built with random weights (--pretrained none): rankings are meaningless; "
-            "index with real weights (in another --collection) for real results"
-        )
+        _say("note: this index was built with random weights (--pretrained none): its rankings mean nothing")
 
 
 def _show_hits(hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None) -> None:
@@ -376,7 +374,10 @@ def _why_no_matches(under: str | None) -> str:
     if os.path.isdir(where):
         return f"no matches: nothing in the index is under {under} (pixfind index {under} adds it)"
     if os.path.exists(where):
-        return f"no matches: --under takes a folder, and {under} is a file (pictures like it: --similar {under})"
+        from .scanner import is_indexable
+
+        hint = f" (pictures like it: --similar {under})" if is_indexable(where) else ""
+        return f"no matches: --under takes a folder, and {under} is a file{hint}"
     return f"no matches: --under {under} does not exist (check the path)"
 
 
