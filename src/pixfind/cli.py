@@ -177,7 +177,8 @@ def index(
 
         for line in summary_lines(result):
             _say(line)
-        _note_random_weights(spec)
+        if result.embedded:  # said when vectors were made, not on every re-run
+            _note_random_weights(spec)
     if result.interrupted:
         raise typer.Exit(130)
 
