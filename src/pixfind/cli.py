@@ -244,7 +244,7 @@ class RichProgress:
             return
         self._bar.advance(self._task, count)
         task = self._bar.tasks[-1]
-        self._bar.update(self._task, count=f"{task.completed:,}/{task.total or 0:,}")
+        self._bar.update(self._task, count=f"{int(task.completed):,}/{int(task.total or 0):,}")
         elapsed = self._clock() - self._embedding_since
         if elapsed <= 0:
             return
