@@ -75,6 +75,7 @@ def test_rerun_is_incremental_and_info_reports(indexed, tmp_path: Path, capsys: 
         (["index", "{tmp}/missing", "--uri", "{tmp}/x.db"], "folder not found"),
         (["search", "--uri", "{tmp}/x.db"], "give exactly one of"),
         (["index", "{tmp}", "--uri", "{tmp}/m.db", "--model", "ViT-Nope"], "unknown model"),
+        (["index", "{tmp}", "--uri", "{tmp}/m.db", "--checkpoint", "{tmp}"], "is a folder"),  # checked first
         (["search", "dog", "--uri", "http://127.0.0.1:9"], "cannot reach Milvus at http://127.0.0.1:9"),
     ],
 )
@@ -127,6 +128,12 @@ def test_default_vit_b_32_end_to_end_in_a_fresh_process(make_images, tmp_path: P
     assert len(json.loads(found.stdout)) == 3
     assert "HEAVY=[]" in found.stderr  # the cold query path never imported torch or open_clip
     assert grid.stat().st_size > 0
+    make_images(tmp_path / "photos", 2, start=3)  # and once exported, indexing needs no torch either
+    again = subprocess.run(
+        [sys.executable, "-c", probe, "index", str(tmp_path / "photos")], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "2 new" in again.stderr, again.stderr
+    assert "HEAVY=[]" in again.stderr
     shown = _pixfind("info", "--json", env=env)
     info = json.loads(shown.stdout)
     assert (info["model"], info["dim"]) == ("ViT-B-32", 512)
@@ -214,3 +221,100 @@ def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ign
         server.wait(30)
     with Store(uri) as store:
         assert store.index_type() == "FLAT"
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0, err
+    assert out == f"pixfind {version('pixfind')}\n"
+
+
+def test_cuda_asked_for_without_cuda_is_the_same_error_everywhere(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An explicit --device cuda on a machine where torch sees no CUDA: index (with or without
+    new files) and every kind of search refuse it with the same line; auto runs on the CPU."""
+    import torch
+
+    uri, photos = indexed
+    attempts = [
+        ["index", str(tmp_path / "photos"), "--uri", str(tmp_path / "fresh.db")],  # needs the model
+        ["index", str(tmp_path / "photos"), "--uri", uri],  # nothing new to embed
+        ["search", "a white dog", "--uri", uri],  # the torch-free text path
+        ["search", "--image", str(photos[0]), "--uri", uri],
+    ]
+    said = set()
+    for args in attempts:
+        code, out, err = run(capsys, *args, "--device", "cuda")
+        if torch.cuda.is_available():  # on a GPU machine the same commands simply work
+            assert code == 0, err
+            continue
+        assert code == 1 and err.count("\n") == 1 and "CUDA" in err and "--device" in err, (args, err)
+        said.add(err)
+    assert len(said) <= 1, said
+    code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--device", "auto", "--json")
+    assert code == 0 and len(json.loads(out)) == 7, err
+    code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--device", "gpu")
+    assert code == 1 and "unknown device 'gpu'" in err and err.count("\n") == 1
+
+
+def test_no_matches_under_a_folder_says_why(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, photos = indexed
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "notes.txt").write_text("not a picture")
+    cases = [
+        (tmp_path / "nowhere", "does not exist"),
+        (photos[0], "is a file (pictures like it: --similar"),
+        (tmp_path / "notes.txt", "is a file"),
+        (tmp_path / "elsewhere", "nothing in the index is under"),
+    ]
+    for under, expected in cases:
+        for extra in ([], ["--json"]):
+            code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(under), *extra)
+            assert code == 0 and expected in err and str(under) in err and err.count("\n") == 1, err
+            assert out.strip() == ("[]" if extra else "")  # stdout holds results only
+            assert ("--similar" in err) == (under == photos[0]), err  # only an image is worth one
+    code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--under", str(photos[0].parent), "--json")
+    assert code == 0 and len(json.loads(out)) == 7 and "no matches" not in err
+
+
+def test_query_image_that_is_a_folder_says_so(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    uri, photos = indexed
+    code, _, err = run(capsys, "search", "--image", str(photos[0].parent), "--uri", uri)
+    assert code == 1 and "is a folder" in err and "not found" not in err and err.count("\n") == 1
+    code, _, err = run(capsys, "search", "--image", str(tmp_path / "gone.jpg"), "--uri", uri)
+    assert code == 1 and "query image not found" in err
+
+
+def test_random_weights_are_pointed_out_once_on_stderr(
+    indexed, small_encoder, tmp_path: Path, capsys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    uri, photos = indexed  # built with PIXFIND_PRETRAINED=none
+    for extra in ([], ["--json"], ["--image", str(photos[0])]):
+        query = [] if "--image" in extra else ["a white dog"]
+        code, out, err = run(capsys, "search", *query, "--uri", uri, *extra)
+        assert code == 0 and err.count("random weights") == 1 and err.count("\n") == 1, err
+        assert "random weights" not in out
+        if "--json" in extra:
+            assert len(json.loads(out)) == 7
+
+    checkpoint = tmp_path / "weights.pt"  # real (if untrained) weights from a file: no reminder
+    torch.save(small_encoder.model.state_dict(), checkpoint)
+    other = str(tmp_path / "ckpt.db")
+    code, _, err = run(capsys, "index", str(photos[0].parent), "--uri", other, "--checkpoint", str(checkpoint))
+    assert code == 0 and "random weights" not in err, err
+    monkeypatch.delenv("PIXFIND_PRETRAINED")  # search as recorded, asking for no model
+    monkeypatch.delenv("PIXFIND_MODEL")
+    code, out, err = run(capsys, "search", "a white dog", "--uri", other)
+    assert code == 0 and err == "", err
+
+
+def test_report_that_cannot_be_written_is_refused_before_the_run(make_images, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    make_images(tmp_path / "photos", 1)
+    uri = str(tmp_path / "r.db")
+    for report, expected in ((tmp_path / "missing" / "run.json", "does not exist"), (tmp_path, "is a folder")):
+        code, _, err = run(capsys, "index", str(tmp_path / "photos"), "--uri", uri, "--report", str(report))
+        assert code == 1 and expected in err and err.count("\n") == 1 and "internal error" not in err, err
+        assert not Path(uri).exists()  # refused before any work

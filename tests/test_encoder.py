@@ -113,8 +113,57 @@ def test_clear_errors_for_bad_models(tmp_path: Path) -> None:
         ClipEncoder(ModelSpec(SMALL_MODEL, None, str(tmp_path / "missing.pt")), "cpu")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelLoadError, match="cannot load checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"cannot load checkpoint .*garbage\.pt"):
         ClipEncoder(ModelSpec(SMALL_MODEL, None, str(garbage)), "cpu")
+
+
+def _bad_checkpoints(folder: Path, small_encoder: ClipEncoder) -> dict[str, tuple[Path, str]]:
+    """Files a user may pass as --checkpoint by mistake, with what the error must say of each."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    cases: dict[str, tuple[Path, str]] = {}
+    notes = folder / "notes.txt"
+    notes.write_text("my notes about the holiday photos\n")
+    cases["text"] = (notes, "not a torch or safetensors weights file")
+    empty = folder / "empty.pt"
+    empty.write_bytes(b"")
+    cases["empty"] = (empty, "is empty")
+    listed = folder / "list.pt"
+    torch.save([1, 2, 3], listed)
+    cases["not a dict"] = (listed, "holds a list, not a state dict")
+    objects = folder / "objects.pkl"
+    objects.write_bytes(pickle.dumps({"when": Path("/x")}))
+    cases["python objects"] = (objects, "Python objects")
+    other_keys = folder / "other.pt"
+    torch.save({"encoder.weight": torch.zeros(3)}, other_keys)
+    expected = len(small_encoder.model.state_dict())
+    cases["other keys"] = (other_keys, f"not an open_clip state dict for {SMALL_MODEL}: all {expected} of its weights")
+    other_model = folder / "rn50.safetensors"
+    save_file(open_clip.create_model("RN50", pretrained=None).state_dict(), other_model)
+    cases["another architecture"] = (other_model, f"not an open_clip state dict for {SMALL_MODEL}")
+    resized = folder / "resized.pt"
+    weights = small_encoder.model.state_dict()
+    weights["text_projection"] = torch.zeros(7, 7)
+    torch.save(weights, resized)
+    cases["another size"] = (resized, "'text_projection' is (7, 7) in the file, (384, 384) in the model")
+    fake = folder / "fake.safetensors"
+    fake.write_bytes(b"garbage, not safetensors")
+    cases["fake safetensors"] = (fake, "not a safetensors file")
+    cases["folder"] = (folder, "is a folder")
+    return cases
+
+
+def test_bad_checkpoints_say_what_the_file_is(small_encoder: ClipEncoder, tmp_path: Path) -> None:
+    for case, (path, expected) in _bad_checkpoints(tmp_path, small_encoder).items():
+        with pytest.raises(ModelLoadError) as caught:
+            ClipEncoder(ModelSpec(SMALL_MODEL, None, str(path)), "cpu")
+        message = str(caught.value)
+        assert expected in message, (case, message)
+        assert str(path) in message and "\n" not in message, (case, message)
+        assert len(message.replace(str(path), "FILE")) < 300, (case, message)  # not torch's essay, cut
+        assert "Re-running" not in message, (case, message)
 
 
 def test_offline_download_failure_names_the_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,3 +238,30 @@ def test_an_rgb_step_anywhere_is_allowed(small_encoder: ClipEncoder) -> None:
     resize, crop, *rest = [s for s in small_encoder._transform.transforms if type(s).__name__ != "MaybeConvertMode"]
     for steps in ([_convert_to_rgb, resize, crop, *rest], [resize, crop, _convert_to_rgb, *rest]):
         assert clip_normalisation(T.Compose(steps), size) == expected
+
+
+def test_torch_and_torchvision_that_do_not_match_are_one_line(make_images, tmp_path: Path) -> None:
+    """A CPU torch beside PyPI's (CUDA) torchvision fails inside open_clip's import with
+    "operator torchvision::nms does not exist". Simulated by an open_clip that fails the same way,
+    ahead of the real one on the path: the command names the fix instead of an internal error."""
+    import os
+    import subprocess
+    import sys
+
+    shim = tmp_path / "shim" / "open_clip"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    make_images(tmp_path / "photos", 1)
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), src]), "PIXFIND_BACKEND": "torch"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pixfind", "index", str(tmp_path / "photos"), "--uri", str(tmp_path / "i.db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr, result.stderr
+    assert "do not work together (operator torchvision::nms does not exist)" in result.stderr
+    assert "pip install --force-reinstall torch torchvision" in result.stderr

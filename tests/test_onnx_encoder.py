@@ -222,9 +222,11 @@ def test_export_failure_falls_back_to_torch(tmp_path: Path, monkeypatch, caplog)
         raise RuntimeError("simulated exporter bug")
 
     monkeypatch.setattr(onnx_encoder, "_export", broken)
+    said: list[str] = []
     with caplog.at_level("WARNING"):
-        encoder = load_encoder(SPEC, backend="auto", threads=1)
+        encoder = load_encoder(SPEC, backend="auto", threads=1, status=said.append)
     assert isinstance(encoder, ClipEncoder)
+    assert said and said[-1].startswith("preparing ViT-S-32 for this CPU, once")  # what a first run waits for
     assert "simulated exporter bug" in caplog.text
     assert not (export_dir(SPEC) / "meta.json").exists()
     assert not list(export_dir(SPEC).parent.glob(".*.tmp"))  # no half-written folder left
@@ -361,3 +363,24 @@ def test_openvino_compile_failure_falls_back(onnx, torch_encoder, fresh_record, 
     assert encoder.image_runtime == "onnxruntime" and "simulated plugin failure" in caplog.text
     assert np.abs(vectors - torch_encoder.encode_images(pixels)).max() < 1e-4
     assert "compile" in json.loads(fresh_record.read_text())["reason"]
+
+
+def test_cuda_asked_for_is_refused_on_the_torch_free_query_path(onnx, index_factory, lite_uri, make_images, tmp_path):  # type: ignore[no-untyped-def]
+    """The exported text tower runs on the CPU whatever --device says: an explicit cuda without
+    CUDA is refused there too (as indexing refuses it), not quietly run on the CPU."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    from pixfind.api import ImageIndex
+    from pixfind.errors import ModelLoadError
+
+    photos = make_images(tmp_path / "photos", 2)
+    with index_factory() as idx:
+        idx.add(photos[0].parent)
+    server_manager_instance.release_server(lite_uri)
+    with ImageIndex(uri=lite_uri, device="cuda") as fresh:
+        assert load_text_encoder(fresh.model_spec()) is not None  # the torch-free path is there
+        if torch.cuda.is_available():
+            assert len(fresh.search("a dog")) == 2
+        else:
+            with pytest.raises(ModelLoadError, match="CUDA is not available"):
+                fresh.search("a dog")

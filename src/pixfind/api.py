@@ -96,11 +96,16 @@ class ImageIndex:
         """The full model for indexing: the exported ONNX towers on CPU (checked against torch;
         images on OpenVINO, see :mod:`pixfind.openvino_visual`), torch on CUDA or when the export
         is not possible (``PIXFIND_BACKEND`` overrides)."""
+        return self.load_encoder()
+
+    def load_encoder(self, status: Callable[[str], None] | None = None) -> Encoder:
+        """:attr:`encoder`, telling ``status`` what takes the time meanwhile (loading the model,
+        downloading its weights, exporting it for the CPU on a first run)."""
         with self._encoder_lock:
             if self._encoder is None:
                 from .onnx_encoder import load_encoder
 
-                self._encoder = load_encoder(self.model_spec(), device=self.settings.device)
+                self._encoder = load_encoder(self.model_spec(), device=self.settings.device, status=status)
             info = self.store.info()
             if info is not None:
                 check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
@@ -113,8 +118,10 @@ class ImageIndex:
         if self._encoder is not None:
             return self._encoder
         if self._query_encoder is None:
+            from .encoder import check_device
             from .textquery import load_text_encoder
 
+            check_device(self.settings.device)  # the ONNX text tower runs on the CPU: refuse as indexing does
             self._query_encoder = load_text_encoder(self.model_spec())
         return self._query_encoder if self._query_encoder is not None else self.encoder
 
@@ -125,9 +132,11 @@ class ImageIndex:
         torch's global random generator, which must not happen behind the caller's back.)"""
         if self._encoder is not None or self._query_encoder is not None:
             return self.query_encoder
+        from .encoder import check_device
         from .textquery import load_text_encoder
 
         spec = self.model_spec()  # a model mismatch fails here, in the caller's thread
+        check_device(self.settings.device)  # and a device this machine lacks
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixfind-query-encoder")
         loading = pool.submit(load_text_encoder, spec)
         pool.shutdown(wait=False)
@@ -156,13 +165,15 @@ class ImageIndex:
         if not folders:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
         spec = self.model_spec()  # fail early on a model mismatch, before scanning
-        if self.store.info() is None and self._encoder is None:
-            from .encoder import check_model_name
+        if self._encoder is None:
+            from .encoder import check_device, check_model_name
 
-            check_model_name(spec)  # a typo must not pass silently because no image was new
+            check_device(self.settings.device)  # as a search would, even when no image is new
+            if self.store.info() is None:
+                check_model_name(spec)  # a typo must not pass silently because no image was new
         indexer = Indexer(
             self.store,
-            lambda: self.encoder,
+            lambda: self.load_encoder(getattr(progress, "status", None)),  # a caller's Progress may predate it
             batch_size=batch_size or self.settings.batch_size,  # None: per the loaded model's device
             workers=workers or self.settings.workers,
             draft=self.settings.draft,

@@ -7,6 +7,8 @@ product is the cosine, and callers never touch torch.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +26,61 @@ if TYPE_CHECKING:
 RANDOM_WEIGHTS_SEED = 0
 
 
-def pick_device(requested: str = "auto") -> str:
+_DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def check_device(requested: str) -> str:
+    """``requested`` as a device this machine can run (lower case), else one ModelLoadError line.
+
+    Indexing and every kind of search call this before choosing a model runtime, so an explicit
+    ``cuda`` without CUDA is refused by both alike (a text query runs on the CPU either way, and
+    once ran there silently). torch is imported only when an NVIDIA driver is present: without
+    one, CUDA cannot be there."""
+    device = requested.strip().lower()
+    if not _DEVICES.fullmatch(device):
+        raise ModelLoadError(f"unknown device {requested!r}: choose auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        _check_cuda(device)
+    elif device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ModelLoadError(
+                "device mps (--device or PIXFIND_DEVICE): Metal is not available here; use auto or cpu"
+            )
+    return device
+
+
+def _check_cuda(device: str) -> None:
+    asked = f"device {device} (--device or PIXFIND_DEVICE)"
+    fix = "use auto (the CPU when there is no GPU) or cpu"
+    if not nvidia_driver_present():
+        raise ModelLoadError(f"{asked}: CUDA is not available on this machine (no NVIDIA driver); {fix}")
     import torch
 
-    if requested == "auto":
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "torch cannot use the GPU"
+        raise ModelLoadError(f"{asked}: CUDA is not available ({why}); {fix}")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ModelLoadError(f"{asked}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver is loaded: without one CUDA is impossible, and torch (2+ s) need not be asked."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()
+
+
+def pick_device(requested: str = "auto") -> str:
+    device = check_device(requested)
+    if device == "auto":
+        if not nvidia_driver_present():
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {requested!r} requested but CUDA is not available: use --device cpu")
-    return requested
+    return device
 
 
 def configure_threads(threads: int | None = None) -> int:
@@ -46,14 +95,21 @@ def configure_threads(threads: int | None = None) -> int:
 class ClipEncoder:
     """An open_clip model with its preprocessing and tokenizer."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", normalise_on_device: bool | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str = "auto",
+        normalise_on_device: bool | None = None,
+        status: Callable[[str], None] | None = None,
+    ) -> None:
         """``normalise_on_device``: hand the model uint8 pixels and normalise them where it runs
-        (None: on a GPU, when the transform is the standard CLIP one)."""
+        (None: on a GPU, when the transform is the standard CLIP one). ``status`` is told when
+        weights are being downloaded."""
         import torch
 
         self.spec = spec
         self.device = pick_device(device)
-        self.model, self._transform, self._tokenizer = _load_open_clip(spec, self.device)
+        self.model, self._transform, self._tokenizer = _load_open_clip(spec, self.device, status)
         self.half = self.device.startswith("cuda")
         if self.half:
             self.model = self.model.half()
@@ -194,14 +250,15 @@ def known_models() -> list[str]:
     folders = list(found.submodule_search_locations or []) if found else []
     names = {p.stem for folder in folders for p in (Path(folder) / "model_configs").glob("*.json")}
     if not names:  # an unusual install: ask open_clip itself
-        import open_clip
-
-        names = set(open_clip.list_models())
+        names = set(import_open_clip().list_models())
     return sorted(names)
 
 
 def check_model_name(spec: ModelSpec) -> None:
-    """Refuse an architecture open_clip does not know, before any work is done."""
+    """Refuse an architecture open_clip does not know, or a checkpoint that is not a file, before
+    any work is done."""
+    if spec.checkpoint:
+        check_checkpoint_path(spec.checkpoint)
     if spec.name.startswith("hf-hub:"):
         return  # resolved by open_clip from the hub when loaded
     names = known_models()
@@ -211,14 +268,13 @@ def check_model_name(spec: ModelSpec) -> None:
         raise ModelLoadError(f"unknown model {spec.name!r}: choose an open_clip architecture such as {hint}")
 
 
-def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
-    import open_clip
+def _load_open_clip(spec: ModelSpec, device: str, status: Callable[[str], None] | None = None) -> tuple[Any, Any, Any]:
+    open_clip = import_open_clip()
     import torch
 
     check_model_name(spec)
     if spec.checkpoint:
-        if not Path(spec.checkpoint).is_file():
-            raise ModelLoadError(f"checkpoint file not found: {spec.checkpoint}")
+        check_checkpoint_path(spec.checkpoint)
         pretrained: str | None = spec.checkpoint
     else:
         pretrained = spec.pretrained
@@ -228,8 +284,8 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
                 f"no weights {pretrained!r} for {spec.name}: choose --pretrained from {tags}, or --checkpoint FILE"
             )
     weights_dir = cache_dir() / "weights"
-    if pretrained and not spec.checkpoint:
-        _fail_fast_when_offline(spec, weights_dir)
+    if pretrained and not spec.checkpoint and not _fail_fast_when_offline(spec, weights_dir) and status:
+        status(f"downloading the weights of {spec.describe()}, once")
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -244,11 +300,13 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
         raise
     except Exception as exc:
         if spec.checkpoint:
+            problem = checkpoint_problem(Path(spec.checkpoint), spec.name) or _first_sentence(exc)
             raise ModelLoadError(
-                f"cannot load checkpoint {spec.checkpoint} into {spec.name}: {_first_line(exc)}"
+                f"cannot load checkpoint {spec.checkpoint}: {problem}; "
+                f"give {spec.name}'s state_dict, saved by torch.save or safetensors"
             ) from exc
         raise ModelLoadError(
-            f"cannot get weights for {spec.describe()} ({_first_line(exc)}): connect to the "
+            f"cannot get weights for {spec.describe()} ({_first_sentence(exc)}): connect to the "
             f"internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
             "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
         ) from exc
@@ -256,13 +314,128 @@ def _load_open_clip(spec: ModelSpec, device: str) -> tuple[Any, Any, Any]:
     return model, transform, tokenizer
 
 
+def import_open_clip() -> Any:
+    """open_clip (and with it torch and torchvision), or one line saying how the install is broken.
+
+    The usual break is a CPU torch beside PyPI's torchvision, a CUDA build: importing it fails
+    with "operator torchvision::nms does not exist" (or a missing libc10_cuda.so), which says
+    nothing about the fix."""
+    from importlib.metadata import version
+
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"cannot import open_clip ({_first_sentence(exc)}): reinstall pixfind's dependencies (pip install -e .)"
+        ) from exc
+    except Exception as exc:  # torchvision's compiled operators failed to register
+        try:
+            versions = f"torch {version('torch')} and torchvision {version('torchvision')}"
+        except Exception:
+            versions = "torch and torchvision"
+        raise ModelLoadError(
+            f"{versions} do not work together ({_first_sentence(exc)}): install both from one index, e.g. "
+            "pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+        ) from exc
+    return open_clip
+
+
+def check_checkpoint_path(checkpoint: str) -> None:
+    """Refuse a checkpoint that is not a file at once (before any scan or model load); a folder
+    downloaded from a model hub holds the file to give."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        inside = [path / name for name in _WEIGHT_FILES if (path / name).is_file()]
+        hint = f": pass {inside[0]}" if inside else ": give the weights file"
+        raise ModelLoadError(f"checkpoint {checkpoint} is a folder{hint}")
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file not found: {checkpoint}")
+
+
+def checkpoint_problem(path: Path, name: str) -> str | None:
+    """What is wrong with a weights file open_clip could not load into ``name``, in a few words,
+    found by reading it the way open_clip does (None when nothing is found). Called after a
+    failure only: it builds the architecture once more to compare the weights' names and shapes."""
+    import torch
+
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if path.suffix == ".safetensors":  # open_clip reads these with safetensors, by suffix
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(str(path))
+        except Exception:
+            return "not a safetensors file"
+    else:
+        with path.open("rb") as fh:
+            head = fh.read(64)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save: zip, or a pickle
+            return "not a torch or safetensors weights file" + _looks_like(head)
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:
+            return (
+                "it holds Python objects besides tensors, which pixfind does not load (a weights file "
+                "could run code), or it is damaged"
+            )
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded = loaded["state_dict"]
+        if not isinstance(loaded, dict):
+            return f"it holds a {type(loaded).__name__}, not a state dict"
+        weights = {str(key).removeprefix("module."): value for key, value in loaded.items()}
+    return _weights_mismatch(weights, name)
+
+
+def _weights_mismatch(weights: dict[str, Any], name: str) -> str | None:
+    open_clip = import_open_clip()
+
+    expected = _quietly(open_clip.create_model, name, pretrained=None).state_dict()
+    missing = [key for key in expected if key not in weights]
+    foreign = [key for key in weights if key not in expected]
+    if missing or foreign:
+        parts = []
+        if missing:
+            share = (
+                f"all {len(expected)} of its"
+                if len(missing) == len(expected)
+                else f"{len(missing)} of its {len(expected)}"
+            )
+            parts.append(f"{share} weights are missing (e.g. {missing[0]!r})")
+        if foreign:
+            verb = "is" if len(foreign) == 1 else "are"
+            parts.append(f"{len(foreign)} {verb} not its own (e.g. {foreign[0]!r})")
+        return f"not an open_clip state dict for {name}: " + ", ".join(parts)
+    for key, tensor in expected.items():
+        found = tuple(getattr(weights[key], "shape", ()))
+        if found != tuple(tensor.shape):
+            return (
+                f"weights of another size: {key!r} is {found} in the file, {tuple(tensor.shape)} in the model "
+                "(a checkpoint for another --model?)"
+            )
+    return None
+
+
+def _looks_like(head: bytes) -> str:
+    """`` (it is text: "...")`` for a text file, else nothing: what the user gave by mistake."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if not text.isprintable() and not all(c.isprintable() or c in "\n\r\t" for c in text):
+        return ""
+    sample = " ".join(text.split())[:40]
+    return f" (it is text: {sample!r})"
+
+
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
+def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> bool:
     """Without a network, open_clip spends ~45 s in download retries before failing. When the
-    weights are not cached and the hub cannot be reached in a few seconds, say so at once."""
-    import open_clip
+    weights are not cached and the hub cannot be reached in a few seconds, say so at once.
+    Returns whether the weights are cached (False: they will be downloaded)."""
+    open_clip = import_open_clip()
 
     config = open_clip.get_pretrained_cfg(spec.name, spec.pretrained or "")
     hub_id = (config.get("hf_hub") or "").rstrip("/")
@@ -272,12 +445,12 @@ def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
         for filename in _WEIGHT_FILES:
             for folder in (str(weights_dir), None):
                 if isinstance(try_to_load_from_cache(hub_id, filename, cache_dir=folder), str):
-                    return
+                    return True
         host = "huggingface.co"
     else:
         url = config.get("url", "")
         if url and (weights_dir / os.path.basename(url)).exists():
-            return
+            return True
         host = url.split("/")[2] if url.count("/") >= 2 else ""
     if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") or not _reachable(host):
         raise ModelLoadError(
@@ -285,6 +458,7 @@ def _fail_fast_when_offline(spec: ModelSpec, weights_dir: Path) -> None:
             f"connect to the internet once, or pass --checkpoint FILE, or place them in {weights_dir}; "
             "for an offline test run set PIXFIND_PRETRAINED=none (random weights)"
         )
+    return False
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
@@ -316,3 +490,14 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its type's name when it has none), shortened."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:limit]
+
+
+def _first_sentence(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's first line, whole: torch's messages run for
+    paragraphs, and a line cut at a fixed width ended mid-word ("Re-running `torch.")."""
+    line = _first_line(exc, limit=10_000)
+    end = line.find(". ")
+    sentence = line[: end + 1] if end > 0 else line
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence

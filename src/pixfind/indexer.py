@@ -68,6 +68,10 @@ class Encoder(Protocol):
 class Progress(Protocol):
     def scanning(self, found: int) -> None: ...
 
+    def status(self, text: str) -> None:
+        """What the run is doing while no count moves: loading, downloading or preparing the
+        model (a first run exports it for the CPU: seconds with nothing else to show)."""
+
     def start_embedding(self, total: int) -> None: ...
 
     def embedded(self, count: int) -> None: ...
@@ -77,6 +81,9 @@ class Progress(Protocol):
 
 class NoProgress:
     def scanning(self, found: int) -> None:
+        pass
+
+    def status(self, text: str) -> None:
         pass
 
     def start_embedding(self, total: int) -> None:

@@ -26,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 #: Bump when the export format or the parity checks change: old folders are then ignored.
 EXPORT_VERSION = 2
 OPSET = 17
+#: What a first run tells the user to expect for the export of a model (loading it in torch,
+#: tracing both towers, the parity checks), where it was measured: ViT-B-32 took 15 s on 2 idle
+#: cores and 40 s on the same cores shared with other jobs. Other models: no estimate (larger
+#: ones take longer); the progress line shows the time elapsed.
+EXPORT_ESTIMATES = {"ViT-B-32": "~15-40 s"}
 #: Largest allowed |ORT - torch| on unit vectors (typically ~3e-6 in fp32).
 PARITY_TOL = 1e-4
 META = "meta.json"
@@ -278,13 +284,19 @@ def load_encoder(
     device: str = "auto",
     threads: int | None = None,
     int8: bool = False,
+    status: Callable[[str], None] | None = None,
 ) -> ClipEncoder | OnnxClipEncoder:
     """The encoder to use: ``backend`` "onnx", "torch" or "auto"/None (``$PIXFIND_BACKEND``,
-    default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback)."""
+    default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback).
+    ``status`` hears what takes the time, for a progress display."""
+    from .encoder import check_device
+
+    say = status or _silent
     backend = (backend or os.environ.get("PIXFIND_BACKEND") or "auto").lower()
     if backend not in ("auto", "onnx", "torch"):
         raise ModelLoadError(f"unknown backend {backend!r}: choose auto, onnx or torch")
-    if backend == "auto" and (device.startswith("cuda") or (device == "auto" and _gpu_present())):
+    device = check_device(device)
+    if backend == "auto" and (device not in ("auto", "cpu") or (device == "auto" and _gpu_present())):
         backend = "torch"
     if backend != "torch":
         encoder = OnnxClipEncoder.open(spec, threads=threads, int8=int8)
@@ -300,12 +312,17 @@ def load_encoder(
             backend = "torch"
     from .encoder import ClipEncoder, configure_threads
 
-    if backend == "torch" or device.startswith("cuda"):
+    if backend == "torch" or device not in ("auto", "cpu"):
         configure_threads(threads)
-        return ClipEncoder(spec, device)
-    torch_encoder = ClipEncoder(spec, "cpu")
+        say(f"loading {spec.describe()}")
+        return ClipEncoder(spec, device, status=say)
     failure = _previous_failure(spec)
+    estimate = EXPORT_ESTIMATES.get(spec.name)
+    preparing = f"preparing {spec.name} for this CPU, once" + (f" ({estimate})" if estimate else "")
+    say(preparing if failure is None else f"loading {spec.describe()}")
+    torch_encoder = ClipEncoder(spec, "cpu", status=say)
     if failure is None:
+        say(preparing)  # again, after any download
         try:
             folder = export(torch_encoder)
             return OnnxClipEncoder(folder, threads=threads, int8=int8)
@@ -319,6 +336,10 @@ def load_encoder(
     return torch_encoder
 
 
+def _silent(text: str) -> None:
+    pass
+
+
 def _failure_text(exc: BaseException) -> str:
     """``Type: first line of the message`` (the type alone when the message is empty or blank)."""
     name, line = type(exc).__name__, _first_line(exc, 300)
@@ -327,8 +348,6 @@ def _failure_text(exc: BaseException) -> str:
 
 def _gpu_present() -> bool:
     """CUDA usable? Only imports torch (2+ s) when an NVIDIA driver is there at all."""
-    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidia0").exists()):
-        return False
     from .encoder import pick_device
 
     return pick_device("auto") != "cpu"

@@ -1,21 +1,64 @@
-"""How results are shown: a terminal table, JSON, or a contact-sheet image."""
+"""How results are shown: a terminal table, JSON, or a contact-sheet image; and :func:`printable`,
+through which every name reaches the terminal.
+
+Importing this module is cheap (Pillow is imported by the grid functions), so the CLI can print
+an error line through :func:`printable` without loading anything.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
-
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from typing import TYPE_CHECKING
 
 from .errors import PixfindError
-from .images import ImageLoadError, load_image
-from .indexer import IndexReport
-from .search import Hit
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageFont
+
+    from .indexer import IndexReport
+    from .search import Hit
 
 TILE = 150
 COLUMNS = 5
 _LABEL_BAND = 22
+
+
+#: What a terminal would act on instead of showing: C0 controls, DEL, C1 controls, the Unicode
+#: bidirectional marks, embeddings, overrides and isolates ("Trojan Source"), line and paragraph
+#: separators, and lone surrogates (the bytes of a name that are not UTF-8).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
+#: The same, less the C0 controls, which json escapes itself (and uses, as newlines, between values).
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with everything a terminal would act on shown as a visible escape: ``\\n``,
+    ``\\t``, ``\\r``, ``\\xNN`` for other ASCII controls and for bytes that are not UTF-8,
+    ``\\uNNNN`` for C1 controls, bidirectional controls and separators.
+
+    File names are untrusted: printed raw, a name can clear the screen, hide text, write the
+    clipboard (OSC 52) or reorder a line. Every name pixfind prints goes through here (the
+    table, the summary, error lines, the "wrote" line), as ``ls`` and git escape theirs.
+    Backslashes are left alone, so ``a\\x1b`` may also be a name holding those four characters;
+    ``--json`` gives the exact name.
+    """
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _NAMED:
+        return _NAMED[char]
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode holds it
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
 
 
 def hits_json(hits: Sequence[Hit]) -> str:
@@ -23,16 +66,19 @@ def hits_json(hits: Sequence[Hit]) -> str:
 
 
 def json_text(data: object) -> str:
-    """JSON that can always be printed: readable UTF-8, except that bytes of a file name that are
-    not UTF-8 (held as lone surrogates) become ``\\udcXX`` escapes instead of an encoding error.
-    ``json.loads`` gives back the same string, and ``os.fsencode`` of it the original bytes."""
+    """JSON that can always be printed, and printed to a terminal: readable UTF-8, except that
+    what a terminal would act on (see :func:`printable`; json itself escapes only C0 controls)
+    becomes a ``\\uXXXX`` escape, lone surrogates (bytes of a file name that are not UTF-8)
+    included. ``json.loads`` gives back the same string, and ``os.fsencode`` of it the original
+    bytes."""
     text = json.dumps(data, ensure_ascii=False, indent=2)
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _UNSAFE_IN_JSON.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def hits_table(hits: Sequence[Hit]) -> object:
-    """A rich Table: rank, score, size, path."""
+    """A rich Table: rank, score, size, path (shown through :func:`printable`, never as markup)."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("#", justify="right", style="dim")
@@ -40,17 +86,14 @@ def hits_table(hits: Sequence[Hit]) -> object:
     table.add_column("size", justify="right", style="dim")
     table.add_column("path", overflow="fold")
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.width}x{hit.height}", _printable(hit.path))
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.width}x{hit.height}", Text(printable(hit.path)))
     return table
-
-
-def _printable(path: str) -> str:
-    """Paths with newlines or undecodable bytes, shown on one line without breaking the terminal."""
-    return path.encode("utf-8", "backslashreplace").decode("utf-8").replace("\n", "\\n")
 
 
 def contact_sheet(hits: Sequence[Hit], tile: int = TILE, columns: int = COLUMNS) -> Image.Image:
     """The tutorial's grid, improved: square crops, rank and score on each tile, rows as needed."""
+    from PIL import Image
+
     rows = max(1, -(-len(hits) // columns))
     sheet = Image.new("RGB", (columns * tile, rows * tile), (24, 24, 24))
     font = _font(13)
@@ -74,6 +117,10 @@ def write_grid(hits: Sequence[Hit], destination: str | Path) -> Path:
 
 
 def _tile(path: str, size: int) -> Image.Image:
+    from PIL import Image, ImageDraw, ImageOps
+
+    from .images import ImageLoadError, load_image
+
     try:
         image = load_image(path, min_side=size).image
     except ImageLoadError:
@@ -84,12 +131,16 @@ def _tile(path: str, size: int) -> Image.Image:
 
 
 def _label(sheet: Image.Image, x: int, y: int, tile: int, text: str, font: ImageFont.ImageFont) -> None:
+    from PIL import Image, ImageDraw
+
     band = Image.new("RGBA", (tile, _LABEL_BAND), (0, 0, 0, 150))
     sheet.paste(band, (x, y + tile - _LABEL_BAND), band)
     ImageDraw.Draw(sheet).text((x + 6, y + tile - _LABEL_BAND + 3), text, fill=(255, 255, 255), font=font)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
+    from PIL import ImageFont
+
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 ships a scalable default font
     except (TypeError, OSError):
@@ -118,16 +169,16 @@ def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
     for path, reason in list(report.unreadable.items())[:show_failures]:
         kept = report.kept.get(path, 0)
         note = f" ({kept:,} indexed image{'s' * (kept != 1)} kept)" if kept else ""
-        lines.append(f"  unreadable {_printable(path)}: {reason}{note}")
+        lines.append(printable(f"  unreadable {path}: {reason}{note}"))
     for path, reason in report.failed[:show_failures]:
-        lines.append(f"  skipped {_printable(path)}: {reason}")
+        lines.append(printable(f"  skipped {path}: {reason}"))  # a reason may quote the name too
     hidden = max(0, len(report.failed) - show_failures) + max(0, len(report.unreadable) - show_failures)
     if hidden > 0:
         lines.append(f"  ... and {hidden:,} more (--report FILE writes them all as JSON)")
     for path, kept in report.empty.items():
         lines.append(
-            f"  folder {_printable(path)} is empty but the index has {kept:,} image{'s' * (kept != 1)} under it: "
-            f"not removing them (a drive not mounted?); `pixfind remove {_printable(path)}` drops them"
+            f"  folder {printable(path)} is empty but the index has {kept:,} image{'s' * (kept != 1)} under it: "
+            f"not removing them (a drive not mounted?); `pixfind remove {printable(path)}` drops them"
         )
     if report.interrupted:
         lines.append("run the same command again to finish: work done so far is kept")

@@ -78,6 +78,10 @@ def text_vector(encoder: QueryEncoder, text: str) -> np.ndarray:
 
 def image_vector(encoder: QueryEncoder, image: str | Path | Image.Image) -> np.ndarray:
     if isinstance(image, (str, Path)):
+        if Path(image).is_dir():
+            raise PixfindError(
+                f"query image {image} is a folder: give an image file (to search only inside a folder, use --under)"
+            )
         if not Path(image).is_file():
             raise PixfindError(f"query image not found: {image}")
         try:
