@@ -412,9 +412,10 @@ def _why_no_matches(under: str | None) -> str:
     if os.path.isdir(where):
         return f"no matches: nothing in the index is under {under} (pixfind index {under} adds it)"
     if os.path.exists(where):
-        from .scanner import is_indexable
+        from .scanner import Presence, PresenceCheck
 
-        hint = f" (pictures like it: --similar {under})" if is_indexable(where) else ""
+        is_image = PresenceCheck()(where).presence is Presence.PRESENT
+        hint = f" (pictures like it: --similar {under})" if is_image else ""
         return f"no matches: --under takes a folder, and {under} is a file{hint}"
     return f"no matches: --under {under} does not exist (check the path)"
 
