@@ -12,9 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -22,9 +19,9 @@ from urllib.parse import quote
 import pytest
 
 try:
-    from web_support import make_gallery
+    from web_support import REPO, LiveServer, build_index, make_gallery
 except ImportError:  # tests/ is a package
-    from tests.web_support import make_gallery
+    from tests.web_support import REPO, LiveServer, build_index, make_gallery
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +36,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".artifacts"
 TIMEOUT_MS = 30_000
 
@@ -49,61 +45,6 @@ if not CHROMIUM.exists():
         "or run .ci/browser-setup.sh)",
         allow_module_level=True,
     )
-
-
-def serve_command() -> list[str]:
-    return [sys.executable, "-m", "pixfind", "serve"]
-
-
-def child_env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PIXFIND_CACHE_DIR"] = str(workdir / "cache")
-    env["PYTHONUNBUFFERED"] = "1"
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    return env
-
-
-class LiveServer:
-    def __init__(self, db: Path, workdir: Path) -> None:
-        self.log_path = workdir / "serve.log"
-        env = child_env(workdir)
-        command = [*serve_command(), "--uri", str(db), "--host", "127.0.0.1", "--port", "0"]
-        self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir
-        )
-        self.lines: list[str] = []
-        self._url: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(180) or self._url is None:
-            self.stop()
-            raise AssertionError(f"pixfind serve did not start: {' '.join(command)}\n{self.output}")
-        self.url = self._url
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
-            if match and self._url is None:
-                self._url = match.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.log_path.write_text(self.output)
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +57,7 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(gallery: Path):
     db = gallery.parent / "index.db"
-    # Built in a child process, as a user would run `pixfind index` before `pixfind serve`.
-    build = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-        "from web_support import open_test_index; open_test_index(Path(sys.argv[2]), Path(sys.argv[3])).close()"
-    )
-    subprocess.run(
-        [sys.executable, "-c", build, str(Path(__file__).parent), str(db), str(gallery)],
-        env=child_env(gallery.parent),
-        check=True,
-        timeout=600,
-    )
+    build_index(db, gallery)
     live = LiveServer(db, gallery.parent)
     yield live
     live.stop()
