@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -280,3 +281,98 @@ def test_api_docs_page_works_offline(page, server: LiveServer) -> None:
     for path in ("/api/search", "/api/search/image", "/api/similar", "/api/info"):
         assert path in summaries
     assert requested and all(url.startswith(server.url) for url in requested), requested
+
+
+def test_random_weights_are_said_once(page) -> None:
+    """The test index has random weights (``--pretrained none``): the page says so, once."""
+    page.wait_for_selector("#notice:not([hidden])")
+    text = page.inner_text("#notice")
+    assert "Random weights" in text and "--pretrained none" in text
+    page.fill("#q", "a dog")
+    page.press("#q", "Enter")
+    wait_for_results(page)
+    assert page.locator(".notice").count() == 1 and page.locator("#notice").is_visible()
+    assert page.locator("#results").inner_text().count("Random weights") == 0
+    shoot(page, "web-random-weights.png")
+
+
+@pytest.fixture
+def other_site():
+    """A page served on another port of this host, as another local web app would be: another
+    origin, the same *site* (so no private-network rule of the browser stands in the way)."""
+    import http.server
+
+    class EvilPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another site</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EvilPage)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{evil.server_address[1]}/"
+    evil.shutdown()
+    evil.server_close()
+
+
+def test_pages_of_other_sites_cannot_probe_or_post(browser, server: LiveServer, gallery: Path, other_site: str) -> None:
+    """Another site's page cannot tell which files are indexed through <img>, and its upload is
+    refused. The browser hides those answers from the page (and from Playwright's events), so the
+    server's status codes and the headers Chromium sent are read from the DevTools protocol."""
+    from urllib.parse import urlsplit
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        devtools = context.new_cdp_session(page)
+        devtools.send("Network.enable")
+        urls: dict[str, str] = {}
+        sent: dict[str, dict[str, str]] = {}
+        answered: dict[str, int] = {}
+        devtools.on("Network.requestWillBeSent", lambda e: urls.__setitem__(e["requestId"], e["request"]["url"]))
+        devtools.on(
+            "Network.requestWillBeSentExtraInfo",
+            lambda e: sent.__setitem__(e["requestId"], {k.lower(): v for k, v in e["headers"].items()}),
+        )
+        devtools.on(
+            "Network.responseReceivedExtraInfo", lambda e: answered.__setitem__(e["requestId"], e["statusCode"])
+        )
+        page.goto(other_site)
+        indexed = f"{server.url}api/thumb?path={quote(str(gallery / 'garden' / 'flowers_05.jpg'))}"
+        missing = f"{server.url}api/thumb?path={quote(str(gallery / 'garden' / 'nothing.jpg'))}"
+        loaded = page.evaluate(
+            """(urls) => Promise.all(urls.map((url) => new Promise((done) => {
+                const img = new Image();
+                img.onload = () => done(true);
+                img.onerror = () => done(false);
+                img.src = url;
+            })))""",
+            [indexed, missing],
+        )
+        assert loaded == [False, False]  # the indexed file looks like the missing one
+        page.evaluate(
+            """async (url) => {
+                const body = new FormData();
+                body.append("file", new Blob([new Uint8Array(64)], { type: "image/png" }), "q.png");
+                try { await fetch(url, { method: "POST", mode: "no-cors", body }); } catch { /* CORP */ }
+            }""",
+            f"{server.url}api/search/image",
+        )
+        deadline = time.monotonic() + 30
+        ours = [rid for rid, url in urls.items() if url.startswith(server.url)]
+        while time.monotonic() < deadline and not all(rid in answered for rid in ours):
+            page.wait_for_timeout(100)
+        statuses: dict[str, list[int]] = {}
+        for rid in ours:
+            assert sent[rid].get("sec-fetch-site") == "same-site", sent[rid]
+            statuses.setdefault(urlsplit(urls[rid]).path, []).append(answered.get(rid, 0))
+        assert statuses == {"/api/thumb": [403, 403], "/api/search/image": [403]}, statuses
+    finally:
+        context.close()
