@@ -560,6 +560,25 @@ def test_indexed_name_swapped_for_a_link_to_another_image_is_404(client: TestCli
         assert "changed since it was indexed" in response.json()["detail"]
 
 
+def test_a_file_made_to_look_like_the_indexed_one_is_404(client: TestClient, linked_photo) -> None:
+    """Size and mtime can be copied (anyone who can stat a file can give their own file its
+    size and mtime before it is indexed); the content's fingerprint cannot."""
+    link, real, _, _ = linked_photo
+    lookalike = real.with_name("lookalike.jpg")
+    data = bytearray(real.read_bytes())
+    data[-3] ^= 0xFF  # same size, other bytes near the end
+    lookalike.write_bytes(bytes(data))
+    stat = real.stat()
+    os.utime(lookalike, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (lookalike.stat().st_size, lookalike.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    link.unlink()
+    link.symlink_to(lookalike)
+    for endpoint in ("/api/image", "/api/thumb"):
+        response = client.get(endpoint, params={"path": str(link)})
+        assert response.status_code == 404, endpoint
+        assert "changed since it was indexed" in response.json()["detail"]
+
+
 @pytest.mark.parametrize("target", ["image", "text"])
 def test_a_link_swapped_while_requests_run_never_serves_its_target(
     client: TestClient, linked_photo, target: str
@@ -588,6 +607,8 @@ def test_a_link_swapped_while_requests_run_never_serves_its_target(
             if time.monotonic() > deadline:
                 break
             endpoint = "/api/image" if i % 2 else "/api/thumb"
+            if endpoint == "/api/thumb":  # made afresh each time, so each one races the flips
+                shutil.rmtree(client.app.state.pixfind.thumb_dir, ignore_errors=True)
             response = client.get(endpoint, params={"path": str(link)})
             if response.status_code == 404:
                 refused += 1
@@ -726,8 +747,9 @@ def test_other_sites_pages_are_refused(client: TestClient, gallery: Path) -> Non
     assert client.post("/api/search/image", files=upload, headers={"Origin": "null"}).status_code == 403
     other_port = {"Origin": "http://testserver:9999", "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}
     assert client.post("/api/search/image", files=upload, headers=other_port).status_code == 403
-    probe = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
-    assert client.get(hit["thumb"], headers=probe).status_code == 403
+    for site in ("cross-site", "same-site"):  # same-site: another port of this host, i.e. another local app
+        probe = {"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+        assert client.get(hit["thumb"], headers=probe).status_code == 403
     # this page itself, tools that send no such headers (pixfind search, curl), and links to the page
     same = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
     assert client.post("/api/search/image", files=upload, headers=same).status_code == 200
@@ -812,3 +834,23 @@ def test_password_protects_every_answer(index, tmp_path: Path) -> None:
 def test_info_says_when_the_weights_are_random(client: TestClient) -> None:
     info = client.get("/api/info").json()
     assert info["weights"] == "none" and info["random_weights"] is True
+
+
+def test_a_server_announcement_others_could_write_is_ignored(tmp_path: Path) -> None:
+    """`pixfind search` sends queries (and images) where the announcement next to the index says:
+    only one this user wrote, and nobody else could have, counts."""
+    from pixfind.remote import RunningServer, announce_path, announced, find_server
+
+    db = str(tmp_path / "index.db")
+    with announced(db, "http://127.0.0.1:8123/", "pixfind", key="k3y"):
+        path = announce_path(db)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert find_server(db, "pixfind") == RunningServer("http://127.0.0.1:8123/", "k3y")
+        assert find_server(db, "other-collection") is None
+        path.chmod(0o622)  # writable by others
+        assert find_server(db, "pixfind") is None
+        path.chmod(0o600)
+        linked = tmp_path / "linked.db.serve.json"
+        linked.symlink_to(path)
+        assert find_server(str(tmp_path / "linked.db"), "pixfind") is None  # not followed
+    assert not path.exists()

@@ -221,6 +221,18 @@ def test_upload_drop_and_bad_upload(page, gallery: Path, tmp_path: Path) -> None
     assert page.locator("#results a.card").count() == 0
 
 
+def test_an_image_over_the_upload_limit_is_refused_before_it_is_sent(page) -> None:
+    page.wait_for_function("() => document.querySelector('#info').textContent.includes('indexed')")
+    posted: list[str] = []
+    page.on("request", lambda request: posted.append(request.url) if request.method == "POST" else None)
+    big = b"\xff\xd8\xff" + b"\0" * (21 * 1024 * 1024)
+    page.set_input_files("#file-input", files=[{"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": big}])
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.inner_text("#error")
+    assert "huge.jpg is too large to search by" in message and "the limit is 20 MB)" in message, message
+    assert posted == []
+
+
 def test_result_count_and_folder_filter(page, gallery: Path) -> None:
     page.select_option("#k", "12")
     page.fill("#q", "flowers in a garden")

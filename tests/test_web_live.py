@@ -63,7 +63,7 @@ def server(databases: tuple[Path, Path], gallery: Path):
     live = LiveServer(databases[0], gallery.parent, "--host", "127.0.0.2")
     yield live
     live.stop()
-    assert "Traceback" not in live.output, live.output
+    assert "Traceback" not in live.output and "ERROR" not in live.output, live.output
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def shared_server(databases: tuple[Path, Path], gallery: Path):
     live = LiveServer(databases[1], gallery.parent, "--host", "0.0.0.0", env=env)
     yield live
     live.stop()
-    assert "Traceback" not in live.output, live.output
+    assert "Traceback" not in live.output and "ERROR" not in live.output, live.output
 
 
 def fetch(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
@@ -136,6 +136,14 @@ def test_decompression_bomb_uploads_cost_little_memory(server: LiveServer) -> No
     for status, answer in answers:
         assert status == 400, answer[:200]
         assert b"too large: 13000x13000 px" in answer
+
+
+def test_an_upload_over_the_limit_gets_its_413_not_a_reset(server: LiveServer) -> None:
+    """urllib sends the whole body before it reads: the server must not close on it mid-way."""
+    body, headers = multipart(b"\0" * (25 * 1024 * 1024))
+    status, answer = fetch(f"{server.url}api/search/image", body, headers)
+    assert status == 413
+    assert json.loads(answer)["detail"] == "upload too large: the limit is 20 MiB"
 
 
 def test_other_sites_pages_cannot_post(server: LiveServer, gallery: Path) -> None:

@@ -51,9 +51,9 @@ async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
 
 
 @contextlib.contextmanager
-def serving(limits: TransportLimits) -> Iterator[int]:
+def serving(limits: TransportLimits, asgi_app=app) -> Iterator[int]:  # type: ignore[no-untyped-def]
     sock = bind_socket("127.0.0.1", 0)
-    server = make_server(app, limits)  # type: ignore[arg-type]
+    server = make_server(asgi_app, limits)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -195,3 +195,41 @@ def test_a_client_that_stops_reading_is_dropped() -> None:
                 while chunk := client.recv(1024 * 1024):
                     received += len(chunk)
     assert received < BIG_ANSWER / 2, received
+
+
+def test_the_408_reaches_a_client_that_keeps_sending() -> None:
+    """Closing on a client that is still sending makes the kernel answer its next bytes with a
+    reset, which throws away the 408 before the client reads it; the server half-closes and
+    discards instead, for a while."""
+    with serving(SHORT) as port, connect(port) as client:
+        client.sendall(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+        started = time.monotonic()
+        while time.monotonic() - started < SHORT.body_grace_s + 1.5:  # past the deadline, still sending
+            client.sendall(b"x" * 10)
+            time.sleep(0.05)
+        answer = read_all(client)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), answer[:80]
+
+
+async def early_answer(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """Answers 413 before reading the body, as pixfind's upload limit does."""
+    if scope["type"] == "lifespan":
+        await app(scope, receive, send)
+        return
+    body = b'{"detail":"upload too large"}'
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_an_early_answer_is_read_by_a_client_still_sending() -> None:
+    """A client that sends its whole upload before reading (as urllib does) gets the 413, not a
+    reset: the server reads and discards the rest of the body instead of closing."""
+    with serving(SHORT, early_answer) as port, connect(port) as client:
+        size = 32 * 1024 * 1024
+        client.sendall(f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n\r\n".encode())
+        chunk = b"u" * (1024 * 1024)
+        for _ in range(size // len(chunk)):
+            client.sendall(chunk)
+        answer = read_answer(client)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+    assert answer.endswith(b'{"detail":"upload too large"}')

@@ -440,11 +440,13 @@ class UploadLimit:
 
     async def _refuse(self, send: Any) -> None:
         body = json.dumps({"detail": upload_too_large(self.file_limit)}).encode()
+        # No "connection: close": closing while the client still sends would reset the connection
+        # before it reads this answer; the server reads and discards the rest for a while instead.
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )
         await send({"type": "http.response.body", "body": body})

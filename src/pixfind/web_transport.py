@@ -12,13 +12,14 @@ holds a connection for as long as it likes (uvicorn issue #157 lists the missing
 * a minimum average rate for the body after a grace period (as Apache's ``mod_reqtimeout``
   ``MinRate``), suspended while the server itself is not reading (flow control);
 * a deadline for a client that stops reading a response (the send buffer stays full);
-* a cap on open connections: one over it is answered 503 and closed at once.
+* a cap on open connections: one over it is answered 503 and closed at once;
+* a lingering close (as nginx's): closing a connection while the client still sends a request
+  body makes the kernel answer its next bytes with a reset, which destroys the answer (a 413 for
+  an upload over the limit) before the client reads it. Instead the server half-closes (the
+  answer and a FIN go out) and discards what still arrives, for at most :data:`DISCARD_S`.
 
 A request that times out before its answer started gets ``408 Request Timeout``; either way the
-connection is closed. The answer is followed by a half-close and a short linger that discards
-what the client still sends, so the client reads the answer instead of a reset (a close with
-unread input makes the kernel send one). Which part of a request has arrived is read from h11's
-connection state.
+connection is closed. Which part of a request has arrived is read from h11's connection state.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-#: Seconds a refused connection is kept half-closed, its input discarded, before it is closed.
+#: Seconds a connection refused by these limits (408, 503) lingers before it is closed.
 LINGER_S = 2.0
+#: Seconds at most that the rest of a request body answered early (a 413) is read and discarded.
+DISCARD_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -58,24 +61,25 @@ class _GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._phase: str | None = None  # "head", "body" or None (nothing being received)
+        self._phase: str | None = None  # "head", "body", "discard" or None (nothing being received)
         self._deadline: asyncio.TimerHandle | None = None
         self._stall: asyncio.TimerHandle | None = None
         self._body_started = 0.0
         self._body_bytes = 0
-        self._refused = False  # answered and half-closed: what still arrives is discarded
+        self._discarding = False  # answered and half-closed: what still arrives is dropped
+        self._shutting_down = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         if len(self.connections) > self.limits.max_connections:
             self._close_with(503, "Service Unavailable", "too many connections: try again in a moment")
             return
         self._enter("head")  # a client that connects and sends nothing is timed out too
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._discarding:
             return
         super().data_received(data)
         self._follow_request()
@@ -88,6 +92,15 @@ class _GuardedH11Protocol(H11Protocol):
             self._stall.cancel()
             self._stall = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server is stopping: no lingering (uvicorn would wait for it, then log an error)."""
+        self._shutting_down = True
+        transport: _LingeringTransport = self.transport  # type: ignore[assignment]
+        if transport.is_closing():
+            transport.close_now()
+            return
+        super().shutdown()
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -102,12 +115,21 @@ class _GuardedH11Protocol(H11Protocol):
 
     # -- the request's progress -----------------------------------------------------------------------
 
+    def may_linger(self) -> bool:
+        """Is the client in the middle of sending a request body (and the server not stopping)?"""
+        return self.conn.their_state is h11.SEND_BODY and not self._shutting_down
+
+    def discard_input(self) -> None:
+        self._cancel()
+        self._discarding = True
+
     def _follow_request(self) -> None:
         state = self.conn.their_state
         if state is h11.IDLE:  # bytes of a request head have arrived, not all of it
             self._enter("head")
         elif state is h11.SEND_BODY:
-            self._enter("body")
+            answered = self.conn.our_state in (h11.DONE, h11.MUST_CLOSE)
+            self._enter("discard" if answered else "body")
         else:
             self._enter(None)
 
@@ -121,6 +143,8 @@ class _GuardedH11Protocol(H11Protocol):
         elif phase == "body":
             self._body_started, self._body_bytes = self.loop.time(), 0
             self._deadline = self.loop.call_later(self.limits.body_grace_s, self._check_body)
+        elif phase == "discard":  # answered already; uvicorn reads the rest of the body and drops it
+            self._deadline = self.loop.call_later(DISCARD_S, self._close_now)
 
     def _check_body(self) -> None:
         self._deadline = None
@@ -145,11 +169,16 @@ class _GuardedH11Protocol(H11Protocol):
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # no answer started yet
             self._close_with(408, "Request Timeout", f"request timeout: the {what} came too slowly")
         else:
-            self.transport.close()
+            self._close_now()
 
     def _stalled(self) -> None:
         self._stall = None
         self.transport.abort()  # the client stopped reading: drop what is buffered for it
+
+    def _close_now(self) -> None:
+        self._deadline = None
+        transport: _LingeringTransport = self.transport  # type: ignore[assignment]
+        transport.close_now()
 
     def _cancel(self) -> None:
         if self._deadline is not None:
@@ -162,11 +191,52 @@ class _GuardedH11Protocol(H11Protocol):
             f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
-        self._cancel()
-        self._refused = True
         self.transport.write(head.encode() + body)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-            self.loop.call_later(LINGER_S, self.transport.close)
+        transport: _LingeringTransport = self.transport  # type: ignore[assignment]
+        transport.linger(LINGER_S)
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it, with a polite :meth:`close`: while the client
+    is still sending a request body, half-close and discard its input for a while (see the
+    module's docstring); everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: _GuardedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self._closing:
+            self._transport.write(data)
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        if self._protocol.may_linger():
+            self.linger(DISCARD_S)
         else:
-            self.transport.close()
+            self.close_now()
+
+    def close_now(self) -> None:
+        self._closing = True
+        self._transport.close()
+
+    def linger(self, seconds: float) -> None:
+        """Send what is written and a FIN now, drop what arrives, close after ``seconds``."""
+        if self.is_closing():
+            return
+        self._closing = True
+        self._protocol.discard_input()
+        self._protocol.flow.resume_reading()  # paused while the body waited for the app: read to drop it
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+            self._protocol.loop.call_later(seconds, self._transport.close)
+        else:
+            self._transport.close()

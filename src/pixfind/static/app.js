@@ -14,7 +14,9 @@
     vCopy: $("#viewer-copy"), vPrev: $("#viewer-prev"), vNext: $("#viewer-next"), vClose: $("#viewer-close"),
   };
 
-  const state = { hits: [], current: -1, controller: null, queryImageUrl: null, queryFile: null, folders: new Set() };
+  const state = {
+    hits: [], current: -1, controller: null, queryImageUrl: null, queryFile: null, folders: new Set(), maxUpload: 0,
+  };
 
   // -- helpers --------------------------------------------------------------------------------
 
@@ -135,6 +137,11 @@
     if (!file) return;
     if (file.type && !file.type.startsWith("image/")) {
       showError(`${file.name || "That file"} is not an image`);
+      return;
+    }
+    if (state.maxUpload && file.size > state.maxUpload) { // said here, without sending it first
+      showError(`${file.name || "That image"} is too large to search by (${formatBytes(file.size)}; `
+        + `the limit is ${formatBytes(state.maxUpload)}): a smaller copy finds the same pictures`);
       return;
     }
     const body = new FormData();
@@ -368,6 +375,7 @@
       const max = info.server?.max_results;
       if (max) for (const option of els.k.options) option.disabled = Number(option.value) > max;
       if (info.server?.max_query_chars) els.q.maxLength = info.server.max_query_chars;
+      state.maxUpload = Number(info.server?.max_upload_bytes || 0);
       if (info.random_weights) showRandomWeightsNotice();
     } catch (err) {
       els.info.textContent = `index unavailable: ${err.message}`;
