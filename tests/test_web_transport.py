@@ -221,12 +221,14 @@ async def early_answer(scope, receive, send) -> None:  # type: ignore[no-untyped
     await send({"type": "http.response.body", "body": body})
 
 
-def test_an_early_answer_is_read_by_a_client_still_sending() -> None:
-    """A client that sends its whole upload before reading (as urllib does) gets the 413, not a
-    reset: the server reads and discards the rest of the body instead of closing."""
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_an_early_answer_is_read_by_a_client_still_sending(connection: str) -> None:
+    """A client that sends its whole upload before reading (as urllib does, with "Connection:
+    close") gets the 413, not a reset: the server reads and discards the rest of the body."""
     with serving(SHORT, early_answer) as port, connect(port) as client:
         size = 32 * 1024 * 1024
-        client.sendall(f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n\r\n".encode())
+        head = f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\nConnection: {connection}\r\n\r\n"
+        client.sendall(head.encode())
         chunk = b"u" * (1024 * 1024)
         for _ in range(size // len(chunk)):
             client.sendall(chunk)
