@@ -36,6 +36,8 @@ except ImportError:  # tests/ is a package
 
 #: What the review measured per 169 MP upload was ~950 MB; the fix must stay far below.
 UPLOAD_GROWTH_LIMIT = 200 * 1024 * 1024
+#: A 12 MP RGBA PNG costs ~140 MiB to decode (benchmarks/web_upload_memory.py); three at once, ~3x.
+ONE_DECODE_LIMIT = 250 * 1024 * 1024
 #: The server's head timeout is 10 s, a body's grace 10 s: these bounds leave room on a busy machine.
 SLOW_CLIENT_BOUND_S = 45.0
 
@@ -136,6 +138,29 @@ def test_decompression_bomb_uploads_cost_little_memory(server: LiveServer) -> No
     for status, answer in answers:
         assert status == 400, answer[:200]
         assert b"too large: 13000x13000 px" in answer
+
+
+def test_uploads_are_decoded_one_at_a_time(server: LiveServer) -> None:
+    """Three of the costliest accepted uploads at once (12 MP RGBA PNGs, ~140 MiB each to decode)
+    cost the memory of one: the server decodes them one after another."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    small = Image.fromarray(rng.integers(0, 255, (100, 100, 4), dtype=np.uint8), "RGBA")
+    buffer = io.BytesIO()
+    small.resize((4000, 3000), Image.Resampling.BILINEAR).save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 20 * 1024 * 1024
+    body, headers = multipart(buffer.getvalue())
+    before = memory_of(server.pid)["VmRSS"]
+    reset_peak_memory(server.pid)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: fetch(f"{server.url}api/search/image?k=1", body, headers), range(3)))
+    growth = memory_of(server.pid)["VmHWM"] - before
+    assert [status for status, _ in answers] == [200, 200, 200], answers[0][1][:200]
+    assert growth < ONE_DECODE_LIMIT, f"the server's RSS grew by {growth / 2**20:.0f} MiB"
 
 
 def test_an_upload_over_the_limit_gets_its_413_not_a_reset(server: LiveServer) -> None:

@@ -33,6 +33,7 @@ images while ``pixfind serve`` answers, and new images show up in results once w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -43,14 +44,14 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl, quote
 
-import anyio
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -103,8 +104,8 @@ THUMB_QUALITY = 82
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Longest path accepted in a request (Linux PATH_MAX).
 MAX_PATH_CHARS = 4096
-#: Uploads decoded at once: decoding is where an upload costs memory (up to ~190 MB for a 12 MP
-#: WebP); searches are serialised by the index lock anyway.
+#: Uploads decoded at once (threads kept for it): decoding is where an upload costs memory (up to
+#: ~190 MiB for a 12 MP WebP); searches are serialised by the index lock anyway.
 UPLOAD_DECODES = 1
 
 STATIC_DIR = Path(str(resources.files("pixfind") / "static"))
@@ -276,7 +277,9 @@ class WebService:
         self.limits = limits
         self.lock = threading.Lock()  # one Milvus client and one model: one call at a time
         self.thumb_slots = threading.BoundedSemaphore(cpu_cores())
-        self.upload_slots = anyio.Semaphore(limits.upload_decodes)
+        # Decoding is what an upload costs in memory: a few at a time, always on the same threads,
+        # so memory one decode freed is reused by the next (each thread has its own malloc arena).
+        self.decoder = ThreadPoolExecutor(limits.upload_decodes, thread_name_prefix="pixfind-upload")
 
     # index calls, serialised
 
@@ -511,7 +514,14 @@ def create_app(
     """
     limits = limits or Limits()
     service = WebService(index, thumb_dir, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.decoder.shutdown(wait=False, cancel_futures=True)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="pixfind",
         version=__version__,
         docs_url=None,  # served below from the package: the default page loads Swagger UI from a CDN
@@ -610,8 +620,8 @@ def create_app(
                 raise ApiError(413, upload_too_large(limits.max_upload_bytes))
             if not file.size:
                 raise ApiError(400, "not a usable image: the upload is empty")
-            async with service.upload_slots:  # decoding is what costs memory: a few at a time
-                image = await run_in_threadpool(_decode_upload, file.file, limits)
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(service.decoder, _decode_upload, file.file, limits)
             hits = await run_in_threadpool(service.call, index.search_image, image, limit=k, under=folder)
             return service.hits_json(hits, started)
         finally:
