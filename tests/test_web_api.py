@@ -805,6 +805,20 @@ def test_access_off_loopback_needs_a_password(monkeypatch: pytest.MonkeyPatch) -
         decide_access("0.0.0.0", "0.0.0.0", 8000, None, False)
 
 
+def test_password_file(tmp_path: Path) -> None:
+    from pixfind.errors import PixfindError
+    from pixfind.web_access import read_password_file
+
+    given = tmp_path / "password"
+    given.write_text("  correct horse battery  \nsecond line\n")
+    assert read_password_file(given) == "correct horse battery"
+    with pytest.raises(PixfindError, match=r"cannot read --password-file .*missing: No such file"):
+        read_password_file(tmp_path / "missing")
+    given.write_text("")
+    with pytest.raises(PixfindError, match="too short"):
+        read_password_file(given)
+
+
 def test_password_protects_every_answer(index, tmp_path: Path) -> None:
     import base64
 
