@@ -164,8 +164,8 @@ def serve_output_until_listening(server: subprocess.Popen[str], deadline: float)
 
 
 def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    """While `pixfind serve` holds the embedded index, a command-line search asks it instead of
-    failing on the lock (and needs neither the model nor Milvus)."""
+    """While `pixfind serve` holds the embedded index, a command-line search or info asks it instead
+    of failing on the lock (and needs neither the model nor Milvus)."""
     import time
 
     uri, photos = indexed
@@ -187,8 +187,12 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
         code, out, err = run(capsys, "search", "--similar", str(photos[1]), "--uri", uri, "--json", "-k", "1")
         assert code == 0, err
         assert json.loads(out)[0]["path"] == str(photos[1])
-        code, _, err = run(capsys, "search", "--image", str(photos[1]), "--uri", uri)
-        assert code == 75 and "being used by pid" in err  # image queries need the index itself
+        code, out, err = run(capsys, "search", "--image", str(photos[1]), "--uri", uri, "--json", "-k", "1")
+        assert code == 0, err  # the image is decoded here and sent to the server
+        assert json.loads(out)[0]["path"] == str(photos[1])
+        code, out, err = run(capsys, "info", "--uri", uri, "--json")
+        assert code == 0, err
+        assert json.loads(out)["images"] == len(photos)
     finally:
         server.terminate()
         server.wait(30)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -13,12 +16,13 @@ import pytest
 from PIL import Image
 
 try:
-    from web_support import make_gallery, open_test_index
+    from web_support import make_gallery, open_test_index, readme_limits
 except ImportError:  # tests/ is a package
-    from tests.web_support import make_gallery, open_test_index
+    from tests.web_support import make_gallery, open_test_index, readme_limits
 
 from fastapi.testclient import TestClient
 
+from pixfind.pathkeys import key_of
 from pixfind.web import Limits, clean_path, create_app, path_query
 
 HIT_KEYS = {"rank", "score", "path", "width", "height", "size", "thumb", "image", "similar"}
@@ -79,7 +83,7 @@ def test_text_search_returns_cli_shaped_hits_with_urls(client: TestClient, galle
 
 def test_default_k_is_ten_and_k_is_bounded(client: TestClient) -> None:
     assert len(client.get("/api/search", params={"q": "flowers"}).json()) == 10
-    for bad in ("0", "201", "many"):
+    for bad in ("0", "1001", "many"):
         response = client.get("/api/search", params={"q": "flowers", "k": bad})
         assert response.status_code == 400
         assert response.json()["detail"].startswith("bad request: k:")
@@ -90,9 +94,35 @@ def test_query_text_is_required_and_limited(client: TestClient) -> None:
     response = client.get("/api/search", params={"q": "   "})
     assert response.status_code == 400
     assert "empty query" in response.json()["detail"]
-    response = client.get("/api/search", params={"q": "dog " * 200})
+    response = client.get("/api/search", params={"q": "dog " * 300})
     assert response.status_code == 400
     assert "too long" in response.json()["detail"]
+
+
+def test_one_set_of_limits_the_readme_states(client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    """CLI, API and page share the README's limits: a query the CLI takes is one the server takes
+    (the CLI forwards queries to a running server)."""
+    from pixfind.cli import main
+    from pixfind.errors import PixfindError
+    from pixfind.search import check_limit, check_query
+
+    limits = readme_limits()
+    longest, most = "a" * limits["query_chars"], limits["results"]
+    assert client.get("/api/search", params={"q": longest, "k": most}).status_code == 200
+    too_long = client.get("/api/search", params={"q": longest + "a"})
+    assert too_long.status_code == 400 and f"at most {limits['query_chars']:,} characters" in too_long.json()["detail"]
+    too_many = client.get("/api/search", params={"q": "a", "k": most + 1})
+    assert too_many.status_code == 400 and f"at most {most:,}" in too_many.json()["detail"]
+    server = client.get("/api/info").json()["server"]
+    assert (server["max_query_chars"], server["max_results"]) == (limits["query_chars"], most)
+
+    assert check_query(longest) == longest and check_limit(most) == most
+    with pytest.raises(PixfindError, match=f"limit {limits['query_chars']:,}"):
+        check_query(longest + "a")
+    assert main(["search", "a dog", "-k", str(most + 1)]) == 2
+    assert str(most) in capsys.readouterr().err
+    page = client.get("/").text
+    assert f'maxlength="{limits["query_chars"]}"' in page
 
 
 def test_folder_filter(client: TestClient, gallery: Path) -> None:
@@ -136,7 +166,7 @@ def test_info(client: TestClient, index) -> None:
     info = response.json()
     assert info["images"] == 10
     assert info["model"] == "ViT-S-32"
-    assert info["server"]["max_results"] == 200
+    assert info["server"]["max_results"] == 1000
     assert info["server"]["max_upload_bytes"] == 2 * 1024 * 1024
 
 
@@ -190,7 +220,7 @@ def test_upload_over_the_limit_is_refused(client: TestClient) -> None:
     big = os.urandom(3 * 1024 * 1024)
     response = client.post("/api/search/image", files={"file": ("big.jpg", big, "image/jpeg")})
     assert response.status_code == 413
-    assert "limit is 2 MB" in response.json()["detail"]
+    assert "limit is 2 MiB" in response.json()["detail"]
 
 
 def test_chunked_upload_over_the_limit_is_refused(client: TestClient) -> None:
@@ -242,12 +272,22 @@ def test_thumbnail_is_a_small_cached_jpeg(client: TestClient, gallery: Path) -> 
     assert plain.status_code == 200 and plain.headers["cache-control"] == "no-cache"
 
 
-def test_thumbnail_cache_follows_changes(client: TestClient, gallery: Path, index) -> None:
+def test_changed_file_is_served_again_once_reindexed(client: TestClient, gallery: Path, index) -> None:
+    """A file changed after indexing is not what the index describes: 404 until an index run has
+    seen it, then served with a new ETag and a new thumbnail."""
     path = gallery / "trips" / "landscape_00.jpg"
     first = client.get("/api/thumb", params={"path": str(path)})
+    assert first.status_code == 200
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    for endpoint in ("/api/thumb", "/api/image"):
+        stale = client.get(endpoint, params={"path": str(path)})
+        assert stale.status_code == 404
+        assert "changed since it was indexed" in stale.json()["detail"]
+    with client.app.state.pixfind.lock:
+        index.add(str(gallery))
     second = client.get("/api/thumb", params={"path": str(path)})
+    assert second.status_code == 200
     assert first.headers["etag"] != second.headers["etag"]
     assert len({p.name for p in (gallery.parent / "thumbs").rglob("*.jpg")}) >= 2
 
@@ -475,3 +515,356 @@ def test_port_in_use_is_one_clear_error() -> None:
             bind_socket("127.0.0.1", port)
     finally:
         first.close()
+
+
+# -- trust: only what the index describes is served -----------------------------------------------
+
+
+@pytest.fixture
+def linked_photo(client: TestClient, index, tmp_path: Path):
+    """An indexed name that is a symbolic link to an image (as a scan stores one), and a private
+    image and text file next to nothing indexed: what a local attacker would point the link at."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    real = folder / "real.jpg"
+    Image.new("RGB", (320, 240), (20, 90, 220)).save(real, "JPEG")  # blue
+    link = folder / "photo.jpg"
+    link.symlink_to(real)
+    private = tmp_path / "private"
+    private.mkdir()
+    secret_image = private / "secret.jpg"
+    Image.new("RGB", (320, 240), (250, 0, 0)).save(secret_image, "JPEG")  # red
+    secret_text = private / "diary.txt"
+    secret_text.write_bytes(b"SECRET DIARY " * (real.stat().st_size // 13 + 1))
+    with client.app.state.pixfind.lock:
+        index.add(str(folder))
+    yield link, real, secret_image, secret_text
+    with client.app.state.pixfind.lock:
+        index.store.delete([key_of(str(real)), key_of(str(link))])
+
+
+def is_red(jpeg: bytes) -> bool:
+    with Image.open(io.BytesIO(jpeg)) as thumb:
+        r, g, b = thumb.convert("RGB").resize((1, 1)).getpixel((0, 0))
+    return r > 180 and g < 80 and b < 80
+
+
+def test_indexed_name_swapped_for_a_link_to_another_image_is_404(client: TestClient, linked_photo) -> None:
+    link, real, secret_image, _ = linked_photo
+    assert client.get("/api/image", params={"path": str(link)}).content == real.read_bytes()
+    link.unlink()
+    link.symlink_to(secret_image)  # an image, readable by the server, never indexed
+    for endpoint in ("/api/image", "/api/thumb"):
+        response = client.get(endpoint, params={"path": str(link)})
+        assert response.status_code == 404, endpoint
+        assert "changed since it was indexed" in response.json()["detail"]
+
+
+def test_a_file_made_to_look_like_the_indexed_one_is_404(client: TestClient, linked_photo) -> None:
+    """Size and mtime can be copied (anyone who can stat a file can give their own file its
+    size and mtime before it is indexed); the content's fingerprint cannot."""
+    link, real, _, _ = linked_photo
+    lookalike = real.with_name("lookalike.jpg")
+    data = bytearray(real.read_bytes())
+    data[-3] ^= 0xFF  # same size, other bytes near the end
+    lookalike.write_bytes(bytes(data))
+    stat = real.stat()
+    os.utime(lookalike, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (lookalike.stat().st_size, lookalike.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    link.unlink()
+    link.symlink_to(lookalike)
+    for endpoint in ("/api/image", "/api/thumb"):
+        response = client.get(endpoint, params={"path": str(link)})
+        assert response.status_code == 404, endpoint
+        assert "changed since it was indexed" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("target", ["image", "text"])
+def test_a_link_swapped_while_requests_run_never_serves_its_target(
+    client: TestClient, linked_photo, target: str
+) -> None:
+    """A thread flips the indexed name between the indexed image and a private file while
+    requests run (for at most a few seconds): every answer is the indexed image or a 404."""
+    link, real, secret_image, secret_text = linked_photo
+    private = secret_image if target == "image" else secret_text
+    stop = threading.Event()
+
+    def flip() -> None:
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            spare = link.with_name(f".flip{i}")
+            spare.symlink_to(private if i % 2 else real)
+            os.replace(spare, link)
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    served = refused = 0
+    leaked: list[str] = []
+    deadline = time.monotonic() + 4
+    try:
+        for i in range(600):
+            if time.monotonic() > deadline:
+                break
+            endpoint = "/api/image" if i % 2 else "/api/thumb"
+            if endpoint == "/api/thumb":  # made afresh each time, so each one races the flips
+                shutil.rmtree(client.app.state.pixfind.thumb_dir, ignore_errors=True)
+            response = client.get(endpoint, params={"path": str(link)})
+            if response.status_code == 404:
+                refused += 1
+                continue
+            assert response.status_code == 200, response.text
+            served += 1
+            if endpoint == "/api/image" and response.content != real.read_bytes():
+                leaked.append(f"{endpoint}: {response.content[:20]!r}")
+            if endpoint == "/api/thumb" and is_red(response.content):
+                leaked.append(f"{endpoint}: a thumbnail of the private image")
+    finally:
+        stop.set()
+        flipper.join(10)
+    assert not leaked, f"{len(leaked)} of {served + refused} answers served the private file: {leaked[:3]}"
+    assert served > 0  # the race was run, not only refused
+
+
+def test_a_file_removed_from_the_index_is_404_at_once(client: TestClient, linked_photo, index) -> None:
+    link, *_ = linked_photo
+    assert client.get("/api/thumb", params={"path": str(link)}).status_code == 200
+    assert client.get("/api/image", params={"path": str(link)}).status_code == 200
+    with client.app.state.pixfind.lock:
+        assert index.store.delete([key_of(str(link))]) == 1
+    for endpoint in ("/api/thumb", "/api/image"):
+        response = client.get(endpoint, params={"path": str(link)})
+        assert response.status_code == 404, endpoint
+        assert "only images in the index" in response.json()["detail"]
+
+
+def test_a_pipe_in_place_of_an_indexed_file_does_not_hang(client: TestClient, linked_photo, tmp_path: Path) -> None:
+    link, *_ = linked_photo
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    link.unlink()
+    link.symlink_to(pipe)
+    answers: list[int] = []
+    for endpoint in ("/api/image", "/api/thumb"):
+        asking = threading.Thread(
+            target=lambda e=endpoint: answers.append(client.get(e, params={"path": str(link)}).status_code),
+            daemon=True,
+        )
+        asking.start()
+        asking.join(30)
+        if asking.is_alive():  # unblock the server's open() so the test run can end
+            with open(pipe, "wb"):
+                pass
+        assert not asking.is_alive(), f"{endpoint} hung on a named pipe"
+    assert answers == [404, 404]
+
+
+# -- uploads ------------------------------------------------------------------------------------
+
+
+def png_of_exact_size(size: int) -> bytes:
+    """A valid PNG padded after its end chunk to exactly ``size`` bytes (decoders ignore the rest)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (30, 140, 60)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    return data + b"\0" * (size - len(data))
+
+
+def test_upload_limit_is_the_files_size_as_the_readme_says(index, tmp_path: Path) -> None:
+    limit = readme_limits()["upload_bytes"]
+    with TestClient(create_app(index, tmp_path / "thumbs")) as local:
+        for size, status in ((limit - 1, 200), (limit, 200), (limit + 1, 413)):
+            response = local.post("/api/search/image", files={"file": ("q.png", png_of_exact_size(size), "image/png")})
+            assert response.status_code == status, (size, response.text[:200])
+        assert response.json()["detail"] == f"upload too large: the limit is {limit // (1024 * 1024)} MiB"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG claiming ``width`` x ``height`` (an honest header) with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header is rewritten to claim ``width`` x ``height``."""
+    data = bytearray(jpeg_bytes((64, 48)))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "refused"),
+    [
+        ("at the limit", png_header_only(4000, 3000), False),
+        ("one row over", png_header_only(4000, 3001), True),
+        ("169 MP", png_header_only(13000, 13000), True),
+        ("JPEG at its limit", jpeg_claiming(10000, 5000), False),
+        ("JPEG one row over", jpeg_claiming(10000, 5001), True),
+    ],
+    ids=["png-at-limit", "png-over", "png-169mp", "jpeg-at-limit", "jpeg-over"],
+)
+def test_upload_pixel_limits_are_read_from_the_header(client: TestClient, name: str, payload: bytes, refused: bool):
+    """The README's pixel limits, decided from the header: a refused image is never decoded."""
+    limits = readme_limits()
+    assert (limits["upload_pixels"], limits["upload_jpeg_pixels"]) == (4000 * 3000, 10000 * 5000)
+    response = client.post("/api/search/image", files={"file": ("q", payload, "application/octet-stream")})
+    if refused:
+        assert response.status_code == 400, name
+        detail = response.json()["detail"]
+        assert "too large" in detail and "a smaller copy finds the same pictures" in detail, detail
+    else:  # decoded, or refused later for its missing pixels: not for its size
+        assert response.status_code in (200, 400), name
+        assert response.status_code == 200 or "too large" not in response.json()["detail"], name
+
+
+def test_a_169_megapixel_upload_is_refused_before_decoding(client: TestClient) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (13000, 13000)).save(buffer, "PNG")  # 169 MP in ~165 KB: the attack's file
+    response = client.post("/api/search/image", files={"file": ("big.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 400
+    assert "too large: 13000x13000 px (limit 12 MP)" in response.json()["detail"]
+
+
+# -- trust: requests from other sites' pages ------------------------------------------------------
+
+
+def test_other_sites_pages_are_refused(client: TestClient, gallery: Path) -> None:
+    upload = {"file": ("q.jpg", jpeg_bytes(), "image/jpeg")}
+    hit = client.get("/api/search", params={"q": "sky", "k": 1}).json()[0]
+    # what a page on another origin sends with fetch(..., {mode: 'no-cors'}) or <img src>
+    cross_post = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+    refused = client.post("/api/search/image", files=upload, headers=cross_post)
+    assert refused.status_code == 403 and "another site" in refused.json()["detail"]
+    assert client.post("/api/search/image", files=upload, headers={"Origin": "http://evil.example"}).status_code == 403
+    assert client.post("/api/search/image", files=upload, headers={"Origin": "null"}).status_code == 403
+    other_port = {"Origin": "http://testserver:9999", "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"}
+    assert client.post("/api/search/image", files=upload, headers=other_port).status_code == 403
+    for site in ("cross-site", "same-site"):  # same-site: another port of this host, i.e. another local app
+        probe = {"Sec-Fetch-Site": site, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+        assert client.get(hit["thumb"], headers=probe).status_code == 403
+    # this page itself, tools that send no such headers (pixfind search, curl), and links to the page
+    same = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+    assert client.post("/api/search/image", files=upload, headers=same).status_code == 200
+    assert client.post("/api/search/image", files=upload).status_code == 200
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert client.get("/?q=sky", headers=link).status_code == 200
+    # and no answer may be embedded by another site, refusals included
+    for response in (refused, client.get(hit["thumb"]), client.get("/api/thumb", params={"path": "/etc/passwd"})):
+        assert response.headers["cross-origin-resource-policy"] == "same-origin"
+
+
+# -- trust: where it listens, and passwords -----------------------------------------------------------
+
+
+def test_loopback_is_decided_by_address() -> None:
+    from pixfind.web_access import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "127.255.255.254", "localhost", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.168.1.20", "10.0.0.1", "example.com", "127.0.0.1.example.com", ""):
+        assert not is_loopback(host), host
+
+
+def test_access_on_another_loopback_address_keeps_the_host_check() -> None:
+    from pixfind.web import decide_access
+
+    access = decide_access("127.0.0.2", "127.0.0.2", 8000, None, False)
+    assert access.loopback and access.credentials is None
+    assert "127.0.0.2" in (access.allowed_hosts or []) and "evil.example" not in (access.allowed_hosts or [])
+    assert "only this computer can connect" in access.lines[0]
+
+
+def test_access_off_loopback_needs_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pixfind.errors import PixfindError
+    from pixfind.web import decide_access
+
+    monkeypatch.delenv("PIXFIND_SERVE_PASSWORD", raising=False)
+    made = decide_access("0.0.0.0", "0.0.0.0", 8000, None, False)
+    assert made.credentials is not None and made.credentials.generated and made.allowed_hosts is None
+    assert len(made.credentials.password) >= 16 and made.credentials.password in made.lines[0]
+    assert decide_access("0.0.0.0", "0.0.0.0", 8000, None, False).credentials != made.credentials
+    given = decide_access("192.168.1.20", "192.168.1.20", 8000, "correct horse", False)
+    assert given.credentials is not None and given.credentials.password == "correct horse"
+    assert "correct horse" not in " ".join(given.lines)
+    shared = decide_access("0.0.0.0", "0.0.0.0", 8000, None, True)
+    assert shared.credentials is None and "WITHOUT a password" in shared.lines[0]
+    monkeypatch.setenv("PIXFIND_SERVE_PASSWORD", "from the environment")
+    assert decide_access("0.0.0.0", "0.0.0.0", 8000, None, False).credentials.password == "from the environment"
+    with pytest.raises(PixfindError, match="--no-auth and a password"):
+        decide_access("0.0.0.0", "0.0.0.0", 8000, None, True)
+    monkeypatch.setenv("PIXFIND_SERVE_PASSWORD", "short")
+    with pytest.raises(PixfindError, match="too short"):
+        decide_access("0.0.0.0", "0.0.0.0", 8000, None, False)
+
+
+def test_password_file(tmp_path: Path) -> None:
+    from pixfind.errors import PixfindError
+    from pixfind.web_access import read_password_file
+
+    given = tmp_path / "password"
+    given.write_text("  correct horse battery  \nsecond line\n")
+    assert read_password_file(given) == "correct horse battery"
+    with pytest.raises(PixfindError, match=r"cannot read --password-file .*missing: No such file"):
+        read_password_file(tmp_path / "missing")
+    given.write_text("")
+    with pytest.raises(PixfindError, match="too short"):
+        read_password_file(given)
+
+
+def test_password_protects_every_answer(index, tmp_path: Path) -> None:
+    import base64
+
+    from pixfind.web_access import Credentials
+
+    credentials = Credentials("correct horse battery")
+    basic = "Basic " + base64.b64encode(b"pixfind:correct horse battery").decode()
+    with TestClient(create_app(index, tmp_path / "thumbs", credentials=credentials)) as local:
+        for path in ("/", "/api/info", "/api/search?q=sky", "/static/app.js", "/docs"):
+            response = local.get(path)
+            assert response.status_code == 401, path
+            assert response.headers["www-authenticate"].startswith('Basic realm="pixfind"')
+        for wrong in (
+            "Basic " + base64.b64encode(b"pixfind:correct horse").decode(),
+            "Basic " + base64.b64encode(b"admin:correct horse battery").decode(),
+            "Basic not-base64!",
+            "Bearer " + credentials.password,
+            "Bearer ",
+        ):
+            assert local.get("/api/info", headers={"Authorization": wrong}).status_code == 401, wrong
+        assert local.get("/api/info", headers={"Authorization": basic}).status_code == 200
+        assert local.get("/", headers={"Authorization": basic}).status_code == 200
+        bearer = {"Authorization": f"Bearer {credentials.local_key}"}
+        assert local.get("/api/search", params={"q": "sky"}, headers=bearer).status_code == 200
+
+
+def test_info_says_when_the_weights_are_random(client: TestClient) -> None:
+    info = client.get("/api/info").json()
+    assert info["weights"] == "none" and info["random_weights"] is True
+
+
+def test_a_server_announcement_others_could_write_is_ignored(tmp_path: Path) -> None:
+    """`pixfind search` sends queries (and images) where the announcement next to the index says:
+    only one this user wrote, and nobody else could have, counts."""
+    from pixfind.remote import RunningServer, announce_path, announced, find_server
+
+    db = str(tmp_path / "index.db")
+    with announced(db, "http://127.0.0.1:8123/", "pixfind", key="k3y"):
+        path = announce_path(db)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert find_server(db, "pixfind") == RunningServer("http://127.0.0.1:8123/", "k3y")
+        assert find_server(db, "other-collection") is None
+        path.chmod(0o622)  # writable by others
+        assert find_server(db, "pixfind") is None
+        path.chmod(0o600)
+        linked = tmp_path / "linked.db.serve.json"
+        linked.symlink_to(path)
+        assert find_server(str(tmp_path / "linked.db"), "pixfind") is None  # not followed
+    assert not path.exists()

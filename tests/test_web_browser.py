@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,9 +20,9 @@ from urllib.parse import quote
 import pytest
 
 try:
-    from web_support import make_gallery
+    from web_support import REPO, LiveServer, build_index, make_gallery
 except ImportError:  # tests/ is a package
-    from tests.web_support import make_gallery
+    from tests.web_support import REPO, LiveServer, build_index, make_gallery
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +37,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".artifacts"
 TIMEOUT_MS = 30_000
 
@@ -49,61 +46,6 @@ if not CHROMIUM.exists():
         "or run .ci/browser-setup.sh)",
         allow_module_level=True,
     )
-
-
-def serve_command() -> list[str]:
-    return [sys.executable, "-m", "pixfind", "serve"]
-
-
-def child_env(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PIXFIND_CACHE_DIR"] = str(workdir / "cache")
-    env["PYTHONUNBUFFERED"] = "1"
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    return env
-
-
-class LiveServer:
-    def __init__(self, db: Path, workdir: Path) -> None:
-        self.log_path = workdir / "serve.log"
-        env = child_env(workdir)
-        command = [*serve_command(), "--uri", str(db), "--host", "127.0.0.1", "--port", "0"]
-        self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir
-        )
-        self.lines: list[str] = []
-        self._url: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(180) or self._url is None:
-            self.stop()
-            raise AssertionError(f"pixfind serve did not start: {' '.join(command)}\n{self.output}")
-        self.url = self._url
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
-            if match and self._url is None:
-                self._url = match.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.log_path.write_text(self.output)
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +58,7 @@ def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(gallery: Path):
     db = gallery.parent / "index.db"
-    # Built in a child process, as a user would run `pixfind index` before `pixfind serve`.
-    build = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-        "from web_support import open_test_index; open_test_index(Path(sys.argv[2]), Path(sys.argv[3])).close()"
-    )
-    subprocess.run(
-        [sys.executable, "-c", build, str(Path(__file__).parent), str(db), str(gallery)],
-        env=child_env(gallery.parent),
-        check=True,
-        timeout=600,
-    )
+    build_index(db, gallery)
     live = LiveServer(db, gallery.parent)
     yield live
     live.stop()
@@ -289,6 +221,18 @@ def test_upload_drop_and_bad_upload(page, gallery: Path, tmp_path: Path) -> None
     assert page.locator("#results a.card").count() == 0
 
 
+def test_an_image_over_the_upload_limit_is_refused_before_it_is_sent(page) -> None:
+    page.wait_for_function("() => document.querySelector('#info').textContent.includes('indexed')")
+    posted: list[str] = []
+    page.on("request", lambda request: posted.append(request.url) if request.method == "POST" else None)
+    big = b"\xff\xd8\xff" + b"\0" * (21 * 1024 * 1024)
+    page.set_input_files("#file-input", files=[{"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": big}])
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.inner_text("#error")
+    assert "huge.jpg is too large to search by" in message and "the limit is 20 MB)" in message, message
+    assert posted == []
+
+
 def test_result_count_and_folder_filter(page, gallery: Path) -> None:
     page.select_option("#k", "12")
     page.fill("#q", "flowers in a garden")
@@ -349,3 +293,98 @@ def test_api_docs_page_works_offline(page, server: LiveServer) -> None:
     for path in ("/api/search", "/api/search/image", "/api/similar", "/api/info"):
         assert path in summaries
     assert requested and all(url.startswith(server.url) for url in requested), requested
+
+
+def test_random_weights_are_said_once(page) -> None:
+    """The test index has random weights (``--pretrained none``): the page says so, once."""
+    page.wait_for_selector("#notice:not([hidden])")
+    text = page.inner_text("#notice")
+    assert "Random weights" in text and "--pretrained none" in text
+    page.fill("#q", "a dog")
+    page.press("#q", "Enter")
+    wait_for_results(page)
+    assert page.locator(".notice").count() == 1 and page.locator("#notice").is_visible()
+    assert page.locator("#results").inner_text().count("Random weights") == 0
+    shoot(page, "web-random-weights.png")
+
+
+@pytest.fixture
+def other_site():
+    """A page served on another port of this host, as another local web app would be: another
+    origin, the same *site* (so no private-network rule of the browser stands in the way)."""
+    import http.server
+
+    class EvilPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another site</title>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), EvilPage)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{evil.server_address[1]}/"
+    evil.shutdown()
+    evil.server_close()
+
+
+def test_pages_of_other_sites_cannot_probe_or_post(browser, server: LiveServer, gallery: Path, other_site: str) -> None:
+    """Another site's page cannot tell which files are indexed through <img>, and its upload is
+    refused. The browser hides those answers from the page (and from Playwright's events), so the
+    server's status codes and the headers Chromium sent are read from the DevTools protocol."""
+    from urllib.parse import urlsplit
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        devtools = context.new_cdp_session(page)
+        devtools.send("Network.enable")
+        urls: dict[str, str] = {}
+        sent: dict[str, dict[str, str]] = {}
+        answered: dict[str, int] = {}
+        devtools.on("Network.requestWillBeSent", lambda e: urls.__setitem__(e["requestId"], e["request"]["url"]))
+        devtools.on(
+            "Network.requestWillBeSentExtraInfo",
+            lambda e: sent.__setitem__(e["requestId"], {k.lower(): v for k, v in e["headers"].items()}),
+        )
+        devtools.on(
+            "Network.responseReceivedExtraInfo", lambda e: answered.__setitem__(e["requestId"], e["statusCode"])
+        )
+        page.goto(other_site)
+        indexed = f"{server.url}api/thumb?path={quote(str(gallery / 'garden' / 'flowers_05.jpg'))}"
+        missing = f"{server.url}api/thumb?path={quote(str(gallery / 'garden' / 'nothing.jpg'))}"
+        loaded = page.evaluate(
+            """(urls) => Promise.all(urls.map((url) => new Promise((done) => {
+                const img = new Image();
+                img.onload = () => done(true);
+                img.onerror = () => done(false);
+                img.src = url;
+            })))""",
+            [indexed, missing],
+        )
+        assert loaded == [False, False]  # the indexed file looks like the missing one
+        page.evaluate(
+            """async (url) => {
+                const body = new FormData();
+                body.append("file", new Blob([new Uint8Array(64)], { type: "image/png" }), "q.png");
+                try { await fetch(url, { method: "POST", mode: "no-cors", body }); } catch { /* CORP */ }
+            }""",
+            f"{server.url}api/search/image",
+        )
+        deadline = time.monotonic() + 30
+        ours = [rid for rid, url in urls.items() if url.startswith(server.url)]
+        while time.monotonic() < deadline and not all(rid in answered for rid in ours):
+            page.wait_for_timeout(100)
+        statuses: dict[str, list[int]] = {}
+        for rid in ours:
+            assert sent[rid].get("sec-fetch-site") == "same-site", sent[rid]
+            statuses.setdefault(urlsplit(urls[rid]).path, []).append(answered.get(rid, 0))
+        assert statuses == {"/api/thumb": [403, 403], "/api/search/image": [403]}, statuses
+    finally:
+        context.close()

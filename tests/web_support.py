@@ -8,7 +8,13 @@ which ones come first means nothing.
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
+import subprocess
+import sys
+import threading
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
@@ -146,3 +152,150 @@ def open_test_index(db: Path, folder: Path | None = None):  # -> pixfind.api.Ima
     if folder is not None:
         index.add(str(folder))
     return index
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_limits() -> dict[str, int]:
+    """The figures of the README's "Limits" table: the oracle for the limits' tests."""
+    import re
+
+    rows = {}
+    for line in README.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2:
+            rows[cells[0]] = cells[1]
+
+    def number(text: str) -> int:
+        return int(text.replace(",", ""))
+
+    query = re.fullmatch(r"([\d,]+) characters", rows["query text"])
+    results = re.fullmatch(r"1 to ([\d,]+)", rows["results per query (`-k`, `limit`, `k`)"])
+    upload = re.fullmatch(
+        r"(\d+) MiB file; (\d+) megapixels, JPEG (\d+) megapixels \(read from the header, before decoding\)",
+        rows["uploaded image (web search by image)"],
+    )
+    assert query and results and upload, "the README's Limits table changed shape"
+    return {
+        "query_chars": number(query.group(1)),
+        "results": number(results.group(1)),
+        "upload_bytes": number(upload.group(1)) * 1024 * 1024,
+        "upload_pixels": number(upload.group(2)) * 1_000_000,
+        "upload_jpeg_pixels": number(upload.group(3)) * 1_000_000,
+    }
+
+
+# -- a live `pixfind serve` ------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def child_env(workdir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a pixfind child process: this checkout's source, its own cache."""
+    env = dict(os.environ)
+    env["PIXFIND_CACHE_DIR"] = str(workdir / "cache")
+    env["PYTHONUNBUFFERED"] = "1"
+    src = str(REPO / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
+    env.update(extra)
+    return env
+
+
+def build_index(db: Path, gallery: Path) -> None:
+    """Index ``gallery`` into ``db`` in a child process, as a user runs `pixfind index` first."""
+    build = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from web_support import open_test_index; open_test_index(Path(sys.argv[2]), Path(sys.argv[3])).close()"
+    )
+    subprocess.run(
+        [sys.executable, "-c", build, str(Path(__file__).parent), str(db), str(gallery)],
+        env=child_env(gallery.parent),
+        check=True,
+        timeout=600,
+    )
+
+
+class LiveServer:
+    """``pixfind serve --port 0`` in a child process; ``url`` once it says where it listens."""
+
+    def __init__(self, db: Path, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log_path = workdir / "serve.log"
+        command = [sys.executable, "-m", "pixfind", "serve", "--uri", str(db), "--port", "0", *args]
+        if "--host" not in args:
+            command += ["--host", "127.0.0.1"]
+        self.process = subprocess.Popen(
+            command,
+            env=env or child_env(workdir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=workdir,
+        )
+        self.lines: list[str] = []
+        self._url: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(180) or self._url is None:
+            self.stop()
+            raise AssertionError(f"pixfind serve did not start: {' '.join(command)}\n{self.output}")
+        self.url = self._url
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            match = re.search(r" at (http://\S+:\d+/)", line)
+            if match and self._url is None:
+                self._url = match.group(1)
+            if "press Ctrl+C" in line:
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.log_path.write_text(self.output)
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """An all-black RGB PNG of any size, made row by row (13000x13000: 2.2 MB, about a second), the
+    shape of a decompression bomb under the 180 MP guard."""
+    packer = zlib.compressobj(1)
+    row = b"\0" * (1 + 3 * width)  # filter byte + pixels
+    parts = [packer.compress(row) for _ in range(height)]
+    data = b"".join(parts) + packer.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so it measures what comes next."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from .config import Settings
 from .errors import PixfindError
+from .limits import DEFAULT_RESULTS, MAX_RESULTS
 
 app = typer.Typer(
     add_completion=False,
@@ -347,7 +348,9 @@ def search(
     similar: Annotated[
         str | None, typer.Option("--similar", help="Images that look like this indexed file (no re-embedding).")
     ] = None,
-    limit: Annotated[int, typer.Option("-k", "--limit", min=1, max=1000, help="Number of results.")] = 10,
+    limit: Annotated[
+        int, typer.Option("-k", "--limit", min=1, max=MAX_RESULTS, help="Number of results.")
+    ] = DEFAULT_RESULTS,
     under: Annotated[str | None, typer.Option("--under", help="Only results inside this folder.")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list of {rank, score, path, width, height}.")
@@ -368,7 +371,7 @@ def search(
         raise PixfindError(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
-    hits = None if image else _search_via_server(uri, collection, query, similar, limit, under)
+    hits = _search_via_server(uri, collection, query, image, similar, limit, under)
     if hits is not None:
         _show_hits(hits, as_json, grid, under)
         return
@@ -420,25 +423,40 @@ def _why_no_matches(under: str | None) -> str:
     return f"no matches: --under {under} does not exist (check the path)"
 
 
-def _search_via_server(
-    uri: str | None, collection: str | None, query: str | None, similar: str | None, limit: int, under: str | None
-) -> list[Any] | None:
-    """Hits from a ``pixfind serve`` running on the same embedded index, or None."""
+def _running_server(uri: str | None, collection: str | None) -> Any:
+    """A ``pixfind serve`` running on the same embedded index (it holds the file), or None."""
     from .config import is_server_uri
-    from .remote import REMOTE_MAX_RESULTS, find_server
+    from .remote import find_server
 
     settings = Settings.from_env(uri=uri, collection=collection)
-    if is_server_uri(settings.uri) or limit > REMOTE_MAX_RESULTS:
-        return None
-    url = find_server(settings.uri, settings.collection)
-    if url is None:
-        return None
-    from .remote import search as remote_search
-    from .search import candidate_paths, check_query, resolve_under
+    if is_server_uri(settings.uri):
+        return None  # a Milvus server is shared: no need to go through pixfind serve
+    return find_server(settings.uri, settings.collection)
 
+
+def _search_via_server(
+    uri: str | None,
+    collection: str | None,
+    query: str | None,
+    image: Path | None,
+    similar: str | None,
+    limit: int,
+    under: str | None,
+) -> list[Any] | None:
+    """Hits from a ``pixfind serve`` running on the same embedded index, or None."""
+    server = _running_server(uri, collection)
+    if server is None:
+        return None
+    from . import remote
+    from .limits import check_query
+    from .search import candidate_paths, resolve_under
+
+    folder = resolve_under(under)
     if query:
-        return remote_search(url, text=check_query(query), limit=limit, under=resolve_under(under))
-    return remote_search(url, similar=candidate_paths(str(similar))[1], limit=limit, under=resolve_under(under))
+        return remote.search(server, text=check_query(query), limit=limit, under=folder)
+    if image:
+        return remote.search_image(server, image, limit=limit, under=folder)
+    return remote.search(server, similar=candidate_paths(str(similar))[1], limit=limit, under=folder)
 
 
 def _print_hits(hits: list[Any], as_json: bool) -> None:
@@ -462,8 +480,14 @@ def info(
     wait: WaitOpt = False,
 ) -> None:
     """Where the index is, which model built it, how many images it holds, its size on disk."""
-    with _open(uri, token, collection, wait=wait, create=False) as idx:
-        data = idx.info()
+    server = _running_server(uri, collection)
+    if server is not None:
+        from .remote import info as remote_info
+
+        data = remote_info(server)
+    else:
+        with _open(uri, token, collection, wait=wait, create=False) as idx:
+            data = idx.info()
     if as_json:
         from .render import json_text
 
@@ -501,7 +525,10 @@ def _human_bytes(count: int) -> str:
 @app.command()
 def serve(
     host: Annotated[
-        str, typer.Option("--host", help="Address to listen on; 0.0.0.0 exposes it to your network.")
+        str,
+        typer.Option(
+            "--host", help="Address to listen on; 0.0.0.0 shares it with your network (a password is then required)."
+        ),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0 picks a free one).")] = 8000,
     uri: UriOpt = None,
@@ -518,10 +545,23 @@ def serve(
             "~3x faster, recall@10 ~0.97).",
         ),
     ] = False,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--password-file",
+            help="File whose first line is the password (user pixfind). Env: PIXFIND_SERVE_PASSWORD. "
+            "Off loopback, one is made up and printed when none is given.",
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Share on the network WITHOUT a password (trusted networks only).")
+    ] = False,
 ) -> None:
     """A web page and JSON API for searching the index, with the model loaded once."""
     from .web import serve as run_server
+    from .web_access import read_password_file
 
+    password = read_password_file(password_file) if password_file else None
     index = _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef)
     run_server(
         index.settings,
@@ -530,6 +570,8 @@ def serve(
         index=index,
         echo=_say,
         exact=exact,
+        password=password,
+        no_auth=no_auth,
     )
 
 

@@ -1,11 +1,16 @@
-"""Reuse a running ``pixfind serve``: it holds the model and the embedded index, so a command-line
-search can ask it instead of opening the index itself.
+"""Reuse a running ``pixfind serve``: it holds the model and the embedded index, so ``pixfind
+search`` and ``pixfind info`` ask it instead of opening the index themselves.
 
-A Milvus Lite file can be open in one process only. While ``pixfind serve`` runs on it, a
-``pixfind search`` in another terminal could not open the file at all; asking the server instead
+A Milvus Lite file can be open in one process only. While ``pixfind serve`` runs on it, another
+command could not open the file at all (and a server never finishes); asking the server instead
 answers in a fraction of a second (no model, no Milvus start). ``pixfind serve`` announces itself
-in a side file next to the index (``INDEX.db.serve.json``: pid, URL, collection) and removes it on
-exit; a stale file (dead pid) is ignored.
+in a side file next to the index (``INDEX.db.serve.json``: pid, URL, collection, and the key that
+stands for its password when it has one), readable by its user only, and removes it on exit. A
+stale file (dead pid), or one that another user owns or could have written, is ignored.
+
+A query image is decoded here, reduced as the server would (:data:`~pixfind.limits.QUERY_IMAGE_SIDE`)
+and sent as a PNG: any image this command can read can be searched by, whatever the server's
+upload limits, and only a small file travels.
 """
 
 from __future__ import annotations
@@ -13,17 +18,30 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
+import stat
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
+
+from .errors import PixfindError
+from .limits import MAX_UPLOAD_PIXELS, QUERY_IMAGE_SIDE
 
 if TYPE_CHECKING:
     from .search import Hit  # imported when used: numpy and Pillow must not delay a cold search
 
-#: Most results the web API returns per query; larger ``-k`` searches open the index locally.
-REMOTE_MAX_RESULTS = 200
 TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A live ``pixfind serve`` on this index: where, and the key it asks of local commands."""
+
+    url: str
+    key: str | None = None
 
 
 def announce_path(db_uri: str) -> Path:
@@ -32,32 +50,51 @@ def announce_path(db_uri: str) -> Path:
 
 
 @contextlib.contextmanager
-def announced(db_uri: str, url: str, collection: str) -> Iterator[None]:
-    """Advertise a running server for ``db_uri`` while the block runs."""
+def announced(db_uri: str, url: str, collection: str, key: str | None = None) -> Iterator[None]:
+    """Advertise a running server for ``db_uri`` while the block runs (file mode 0600)."""
     path = announce_path(db_uri)
+    record = {"pid": os.getpid(), "url": url, "collection": collection, "key": key}
     try:
-        path.write_text(json.dumps({"pid": os.getpid(), "url": url, "collection": collection}))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")  # mode 0600
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh)
+        os.replace(tmp, path)
     except OSError:
         yield  # an unwritable folder only costs the speed-up
         return
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()
 
 
-def find_server(db_uri: str, collection: str) -> str | None:
-    """URL of a live ``pixfind serve`` on this index and collection, or None."""
+def find_server(db_uri: str, collection: str) -> RunningServer | None:
+    """The live ``pixfind serve`` of this user on this index and collection, or None."""
     try:
-        data = json.loads(announce_path(db_uri).read_text())
+        data = _read_own_file(announce_path(db_uri))
         pid, url = int(data["pid"]), str(data["url"])
+        key = data.get("key")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if data.get("collection") != collection or not _alive(pid):
+    if data.get("collection") != collection or not _alive(pid) or not url.startswith("http://"):
         return None
-    return url
+    return RunningServer(url, str(key) if key else None)
+
+
+def _read_own_file(path: Path) -> dict[str, Any]:
+    """JSON from ``path`` if this user owns it and nobody else may write it (else ValueError):
+    another user's file could send this user's queries, and images, to a server of theirs."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ValueError("not this user's announcement")
+        data = json.loads(fh.read(64 * 1024))
+    if not isinstance(data, dict):
+        raise ValueError("not an announcement")
+    return data
 
 
 def _alive(pid: int) -> bool:
@@ -70,8 +107,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# -- asking it -------------------------------------------------------------------------------------
+
+
 def search(
-    url: str, *, text: str | None = None, similar: str | None = None, limit: int = 10, under: str | None = None
+    server: RunningServer,
+    *,
+    text: str | None = None,
+    similar: str | None = None,
+    limit: int = 10,
+    under: str | None = None,
 ) -> list[Hit]:
     """Ask the server; errors come back as :class:`~pixfind.errors.PixfindError` lines."""
     params: list[tuple[str, str]] = [("k", str(limit))]
@@ -83,28 +128,84 @@ def search(
     query = urlencode(params)
     if similar is not None:
         query += "&path=" + quote(os.fsencode(similar), safe="")
-    if under:
-        query += "&under=" + quote(os.fsencode(under), safe="")
-    return [_hit(item) for item in _get_json(f"{url.rstrip('/')}/{endpoint}?{query}")]
+    query += _under(under)
+    return [_hit(item) for item in _request(server, f"{endpoint}?{query}")]
 
 
-def _get_json(address: str) -> list[dict[str, object]]:
-    from urllib.error import HTTPError, URLError
-    from urllib.request import urlopen
+def search_image(server: RunningServer, image: str | Path, *, limit: int = 10, under: str | None = None) -> list[Hit]:
+    """Images like the file ``image``: decoded here, sent reduced (see the module's docstring)."""
+    body, boundary = _multipart_png(image)
+    query = urlencode([("k", str(limit))]) + _under(under)
+    items = _request(
+        server,
+        f"api/search/image?{query}",
+        body=body,
+        content_type=f"multipart/form-data; boundary={boundary}",
+    )
+    return [_hit(item) for item in items]
 
-    from .errors import PixfindError
 
+def info(server: RunningServer) -> dict[str, Any]:
+    """``ImageIndex.info()`` as the server reports it (without its own fields)."""
+    data = _request(server, "api/info")
+    if not isinstance(data, dict):
+        raise PixfindError(f"the running pixfind serve at {server.url} gave an unexpected answer")
+    data.pop("server", None)
+    data.pop("random_weights", None)
+    return data
+
+
+def _under(under: str | None) -> str:
+    return "&under=" + quote(os.fsencode(under), safe="") if under else ""
+
+
+def _multipart_png(image: str | Path) -> tuple[bytes, str]:
+    import io
+
+    from .images import ImageLoadError, load_image
+
+    if not Path(image).is_file():
+        raise PixfindError(f"query image not found: {image}")
     try:
-        with urlopen(address, timeout=TIMEOUT_S) as response:
+        loaded = load_image(image, min_side=QUERY_IMAGE_SIDE)
+    except ImageLoadError as exc:
+        raise PixfindError(f"cannot read query image {image}: {exc.reason}") from exc
+    small = loaded.image
+    if small.width * small.height > MAX_UPLOAD_PIXELS:  # a very long panorama, even reduced
+        scale = (MAX_UPLOAD_PIXELS / (small.width * small.height)) ** 0.5
+        small = small.resize((int(small.width * scale), int(small.height * scale)))
+    png = io.BytesIO()
+    small.save(png, "PNG", compress_level=1)
+    boundary = "pixfind-" + secrets.token_hex(16)
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="query.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+    return head + png.getvalue() + f"\r\n--{boundary}--\r\n".encode(), boundary
+
+
+def _request(server: RunningServer, path: str, body: bytes | None = None, content_type: str | None = None) -> Any:
+    from urllib.error import HTTPError, URLError
+    from urllib.request import Request, urlopen
+
+    address = f"{server.url.rstrip('/')}/{path}"
+    headers = {"Accept": "application/json"}
+    if server.key:
+        headers["Authorization"] = f"Bearer {server.key}"
+    if content_type:
+        headers["Content-Type"] = content_type
+    request = Request(address, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urlopen(request, timeout=TIMEOUT_S) as response:
             return json.loads(response.read())
     except HTTPError as exc:
         try:
             detail = json.loads(exc.read()).get("detail", exc.reason)
-        except ValueError:
+        except (ValueError, AttributeError):
             detail = exc.reason
         raise PixfindError(f"{detail}") from exc
-    except (URLError, TimeoutError, OSError) as exc:
-        raise PixfindError(f"the running pixfind serve at {address.split('/api')[0]} did not answer: {exc}") from exc
+    except (URLError, TimeoutError, OSError, ValueError) as exc:
+        raise PixfindError(f"the running pixfind serve at {server.url} did not answer: {exc}") from exc
 
 
 def _hit(item: dict[str, object]) -> Hit:

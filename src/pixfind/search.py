@@ -11,14 +11,12 @@ import numpy as np
 
 from .errors import PixfindError
 from .images import ImageLoadError, load_image
+from .limits import check_limit, check_query
 from .pathkeys import key_of
 from .store import SearchHit, Store
 
 if TYPE_CHECKING:
     from PIL import Image
-
-MAX_QUERY_CHARS = 1000
-MAX_LIMIT = 1000
 
 
 class QueryEncoder(Protocol):
@@ -48,21 +46,6 @@ class Hit:
         data.pop("size")
         data["score"] = round(self.score, 6)
         return data
-
-
-def check_query(text: str) -> str:
-    text = text.strip()
-    if not text:
-        raise PixfindError('empty query: describe the picture, e.g. pixfind search "a white dog"')
-    if len(text) > MAX_QUERY_CHARS:
-        raise PixfindError(f"query too long ({len(text)} characters, limit {MAX_QUERY_CHARS})")
-    return text
-
-
-def check_limit(limit: int) -> int:
-    if not 1 <= limit <= MAX_LIMIT:
-        raise PixfindError(f"result count must be between 1 and {MAX_LIMIT}, got {limit}")
-    return limit
 
 
 def resolve_under(under: str | None) -> str | None:

@@ -13,12 +13,18 @@ browsers can search at once. Endpoints:
 * ``GET /api/info``: what the index holds, and this server's limits;
 * ``GET /api/thumb?path=`` and ``GET /api/image?path=``: a cached JPEG thumbnail, the original file.
 
-Security: only files that are in the index are ever read (a path is normalised, must be absolute,
-must be in the index, must still be a regular file that Pillow recognises as an image); anything
-else answers 404, whatever ``..``, symlink or absolute-path trick it holds. Uploads are limited in
-size and decoded with the indexer's own guarded loader, so a bad one gets a 400 naming the reason.
-The server binds 127.0.0.1 unless told otherwise and then refuses requests for other host names
-(DNS rebinding).
+Trust (docs/web.md says how each was attacked):
+
+* only files in the index are read, and only while they are what the index recorded: a request
+  opens the file once (never blocking on a pipe) and checks that open file (regular, size, mtime,
+  the fingerprint of its first and last 64 KiB) against the index row, asked afresh each time;
+  the media type, the thumbnail and the bytes are then read from that open file, never from the
+  name again, so a name swapped for a link mid-request serves nothing else;
+* uploads are limited in bytes and pixels (from the header, before decoding), decoded at reduced
+  size, one at a time;
+* :mod:`pixfind.web_access`: loopback names only on a loopback bind, no requests from other sites'
+  pages, a password off loopback; :mod:`pixfind.web_transport`: slow clients are timed out and
+  connections are capped.
 
 Concurrency with indexing: an embedded (Lite) index is locked by the server while it runs, so
 ``pixfind index`` must wait for it; with a Milvus server (``--uri http://...``) an index run can add
@@ -27,6 +33,7 @@ images while ``pixfind serve`` answers, and new images show up in results once w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -37,11 +44,12 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qsl, quote
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -49,18 +57,41 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
-from .config import cpu_cores
+from .config import ModelSpec, cpu_cores
 from .errors import PixfindError, StoreError
-from .images import ImageLoadError, has_image_extension, load_image
+from .images import MAX_PIXELS, ImageLoadError, has_image_extension, load_reduced
+from .limits import (
+    DEFAULT_RESULTS,
+    MAX_QUERY_CHARS,
+    MAX_RESULTS,
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_JPEG_PIXELS,
+    MAX_UPLOAD_PIXELS,
+    QUERY_IMAGE_SIDE,
+)
+from .pathkeys import key_of
+from .scanner import fingerprint
+from .web_access import (
+    PASSWORD_ENV,
+    USER,
+    AccessGuard,
+    Credentials,
+    check_password,
+    is_loopback,
+    loopback_host_names,
+)
+from .web_transport import TransportLimits, guarded_protocol
 
 if TYPE_CHECKING:
     from .api import ImageIndex
     from .config import Settings
     from .search import Hit
+    from .store import StoredFile
 
 log = logging.getLogger("pixfind.web")
 
@@ -69,19 +100,14 @@ DEFAULT_PORT = 8000
 #: Longest side of a thumbnail, in pixels.
 THUMB_SIZE = 256
 THUMB_QUALITY = 82
-#: Largest accepted upload for search-by-image.
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_QUERY_CHARS = 500
-MAX_RESULTS = 200
-DEFAULT_RESULTS = 10
+#: What a multipart body may carry besides the file (boundaries, part headers, a long file name).
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 #: Longest path accepted in a request (Linux PATH_MAX).
 MAX_PATH_CHARS = 4096
-#: Decode side for uploads: twice CLIP's 224 px input keeps the embedding within cosine 0.995.
-UPLOAD_DRAFT_SIDE = 448
-#: A file known to be in the index is not asked about again for this long (seconds).
-CONTAINS_TTL_S = 30.0
+#: Uploads decoded at once (threads kept for it): decoding is where an upload costs memory (up to
+#: ~190 MiB for a 12 MP WebP); searches are serialised by the index lock anyway.
+UPLOAD_DECODES = 1
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 STATIC_DIR = Path(str(resources.files("pixfind") / "static"))
 
 _IMMUTABLE = "public, max-age=31536000, immutable"
@@ -90,6 +116,8 @@ _PAGE_CSP = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+_NOT_INDEXED = "not found: only images in the index are served"
+_CHANGED = "not found: the file changed since it was indexed (run pixfind index on its folder)"
 
 
 class ApiError(Exception):
@@ -110,18 +138,21 @@ class AsciiJSONResponse(JSONResponse):
 
 @dataclass(frozen=True)
 class Limits:
+    """This server's own limits; the query limits are :mod:`pixfind.limits`' (shared with the CLI)."""
+
     thumb_size: int = THUMB_SIZE
     max_upload_bytes: int = MAX_UPLOAD_BYTES
-    max_query_chars: int = MAX_QUERY_CHARS
-    max_results: int = MAX_RESULTS
+    max_upload_pixels: int = MAX_UPLOAD_PIXELS
+    max_upload_jpeg_pixels: int = MAX_UPLOAD_JPEG_PIXELS
+    upload_decodes: int = UPLOAD_DECODES
 
 
-KParam = Annotated[int, Query(ge=1, description="number of hits (at most the server's max_results)")]
+KParam = Annotated[int, Query(ge=1, description=f"number of hits (at most {MAX_RESULTS:,})")]
 UnderParam = Annotated[str | None, Query(description="only images under this folder (absolute path)")]
 PathParam = Annotated[str, Query(description="absolute path of an indexed image")]
 VersionParam = Annotated[str | None, Query(description="file version (from a hit's URL)")]
 QueryParam = Annotated[str, Query(description="what the picture shows")]
-UploadParam = Annotated[UploadFile, File(description="an image (size limit: see /api/info)")]
+UploadParam = Annotated[UploadFile, File(description="an image (limits: see /api/info)")]
 
 
 # -- paths --------------------------------------------------------------------------------------
@@ -160,41 +191,95 @@ def raw_query_param(request: Request, name: str) -> str | None:
     return None
 
 
-class _ContainsCache:
-    """Remembers for a short while which paths the index confirmed, so a page of thumbnails does
-    not ask Milvus once per image each time the page is shown. Only positive answers are kept."""
+# -- an indexed file, opened once ---------------------------------------------------------------
 
-    def __init__(self, ttl: float = CONTAINS_TTL_S, size: int = 4096) -> None:
-        self.ttl = ttl
-        self.size = size
-        self._known: dict[str, float] = {}
-        self._lock = threading.Lock()
 
-    def hit(self, path: str) -> bool:
-        with self._lock:
-            stamp = self._known.get(path)
-            return stamp is not None and time.monotonic() - stamp < self.ttl
+class OpenedFile:
+    """An indexed image opened once and checked against its index record.
 
-    def add(self, path: str) -> None:
-        with self._lock:
-            if len(self._known) >= self.size:
-                self._known.clear()
-            self._known[path] = time.monotonic()
+    Everything a request reads (the media type, the thumbnail, the bytes it streams) comes from
+    this one open file through :attr:`source`, the kernel's name for the open file itself
+    (``/proc/self/fd/N``): opening it again reaches the same inode even if the path now names
+    something else. Closed by :meth:`close`, or when the object is collected.
+    """
+
+    def __init__(self, path: str, handle: IO[bytes], info: os.stat_result, record: StoredFile) -> None:
+        self.path = path
+        self.handle = handle
+        self.stat = info
+        self.record = record
+
+    @property
+    def source(self) -> str:
+        fd = self.handle.fileno()
+        os.lseek(fd, 0, os.SEEK_SET)  # where /dev/fd shares the offset (macOS), start at 0
+        return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
+
+    @property
+    def version(self) -> str:
+        return f"{self.stat.st_size:x}-{self.stat.st_mtime_ns:x}"
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def open_indexed(path: str, record: StoredFile) -> OpenedFile:
+    """Open ``path`` once and check the open file against ``record``; an ApiError 404 otherwise.
+
+    ``O_NONBLOCK``: a name swapped for a named pipe must not hang the request (the open file is
+    checked to be a regular file before anything reads it).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        raise ApiError(404, "not found: the file is no longer there or cannot be read") from None
+    handle = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ApiError(404, "not found: not a regular file")
+        if (info.st_size, info.st_mtime_ns) != (record.size, record.mtime_ns):
+            raise ApiError(404, _CHANGED)
+        opened = OpenedFile(path, handle, info, record)
+        if fingerprint(opened.source, info.st_size) != record.fingerprint:
+            raise ApiError(404, _CHANGED)
+        return opened
+    except ApiError:
+        handle.close()
+        raise
+    except OSError:
+        handle.close()
+        raise ApiError(404, "not found: the file cannot be read") from None
+
+
+def _image_media_type(opened: OpenedFile) -> str:
+    """The MIME type Pillow finds in the open file's header; a file it does not know is not served."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(opened.source) as img:
+            fmt = img.format
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise ApiError(404, "not found: the file is not an image any more") from None
+    return Image.MIME.get(fmt or "", "application/octet-stream")
 
 
 # -- the app ------------------------------------------------------------------------------------
 
 
 class WebService:
-    """The state behind the routes: the index, its lock, the thumbnail cache."""
+    """The state behind the routes: the index, its lock, the thumbnail cache, the upload slots."""
 
     def __init__(self, index: ImageIndex, thumb_dir: Path, limits: Limits) -> None:
         self.index = index
         self.thumb_dir = Path(thumb_dir)
         self.limits = limits
         self.lock = threading.Lock()  # one Milvus client and one model: one call at a time
-        self.known = _ContainsCache()
         self.thumb_slots = threading.BoundedSemaphore(cpu_cores())
+        # Decoding is what an upload costs in memory: a few at a time, always on the same threads,
+        # so memory one decode freed is reused by the next (each thread has its own malloc arena).
+        self.decoder = ThreadPoolExecutor(limits.upload_decodes, thread_name_prefix="pixfind-upload")
 
     # index calls, serialised
 
@@ -207,26 +292,21 @@ class WebService:
         except PixfindError as exc:
             raise ApiError(409, str(exc)) from exc
 
-    def contains(self, path: str) -> bool:
-        if self.known.hit(path):
-            return True
-        found = bool(self.call(self.index.contains, path))
-        if found:
-            self.known.add(path)
-        return found
+    def record(self, path: str) -> StoredFile | None:
+        """The index row's record of exactly ``path``, asked afresh (a removal counts at once)."""
+        store = self.index.store
+        key = key_of(path)
+        return self.call(lambda: store.lookup([key]).get(key) if store.exists() else None)
 
-    def indexed_file(self, raw: str | None) -> tuple[str, os.stat_result]:
-        """The path and stat of an indexed image file, or a 404."""
+    def indexed_file(self, raw: str | None) -> OpenedFile:
+        """The requested indexed image, opened and checked, or a 404."""
         path = clean_path(raw)
-        if path is None or not has_image_extension(os.path.basename(path)) or not self.contains(path):
-            raise ApiError(404, "not found: only images in the index are served")
-        try:
-            st = os.stat(path)  # follows links: what would be served
-        except OSError:
-            raise ApiError(404, "not found: the file is no longer there") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ApiError(404, "not found: not a regular file")
-        return path, st
+        if path is None or not has_image_extension(os.path.basename(path)):
+            raise ApiError(404, _NOT_INDEXED)
+        record = self.record(path)
+        if record is None:
+            raise ApiError(404, _NOT_INDEXED)
+        return open_indexed(path, record)
 
     # hits
 
@@ -238,7 +318,6 @@ class WebService:
         data["thumb"] = f"/api/thumb?path={query}" + (f"&v={version}" if version else "")
         data["image"] = f"/api/image?path={query}" + (f"&v={version}" if version else "")
         data["similar"] = f"/api/similar?path={query}"
-        self.known.add(hit.path)  # the index just returned it
         return data
 
     def hits_json(self, hits: list[Hit], started: float) -> Response:
@@ -251,11 +330,14 @@ class WebService:
 
     # thumbnails
 
-    def thumbnail(self, path: str, st: os.stat_result) -> Path:
+    def thumbnail(self, opened: OpenedFile) -> Path:
+        """The cached thumbnail of an opened, checked file (made from that open file). Named by
+        the record it was checked against, so a thumbnail made before a file changed is never
+        served for the new one."""
         size = self.limits.thumb_size
-        digest = hashlib.sha256(
-            f"{size}\0{st.st_size}\0{st.st_mtime_ns}\0{path}".encode("utf-8", "surrogateescape")
-        ).hexdigest()
+        st = opened.stat
+        name = f"2\0{size}\0{st.st_size}\0{st.st_mtime_ns}\0{opened.record.fingerprint}\0{opened.path}"
+        digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()
         target = self.thumb_dir / digest[:2] / f"{digest}.jpg"
         if target.is_file():
             return target
@@ -263,10 +345,9 @@ class WebService:
             if target.is_file():
                 return target
             try:
-                loaded = load_image(path, min_side=size)
+                image = load_reduced(opened.source, min_side=size, max_pixels=MAX_PIXELS).image
             except ImageLoadError as exc:
                 raise ApiError(404, f"no thumbnail: {exc.reason}") from exc
-            image = loaded.image
             image.thumbnail((size, size), reducing_gap=3.0)
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
@@ -290,20 +371,8 @@ def _version_of(path: str) -> str | None:
     return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
-def _etag(st: os.stat_result, extra: str = "") -> str:
-    return f'"{st.st_size:x}-{st.st_mtime_ns:x}{extra}"'
-
-
-def _image_media_type(path: str) -> str:
-    """The MIME type Pillow finds in the file's header; a file it does not know is not served."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            fmt = img.format
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise ApiError(404, "not found: the file is not an image any more") from None
-    return Image.MIME.get(fmt or "", "application/octet-stream")
+def _etag(opened: OpenedFile, extra: str = "") -> str:
+    return f'"{opened.version}{extra}"'
 
 
 def _not_modified(request: Request, etag: str, cache_control: str) -> Response | None:
@@ -312,16 +381,26 @@ def _not_modified(request: Request, etag: str, cache_control: str) -> Response |
     return None
 
 
+def _random_weights(info: dict[str, Any]) -> bool:
+    """Was the index built with random weights (``--pretrained none``)? Its rankings mean nothing."""
+    if not info.get("exists") or "model" not in info:
+        return False
+    spec = ModelSpec.from_weights(str(info["model"]), str(info.get("weights", "")))
+    return spec.pretrained is None and spec.checkpoint is None
+
+
 class UploadLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes on ``paths`` with a 413.
 
     The declared Content-Length is checked before anything is read; a body without one (chunked)
-    is counted as it arrives and cut off at the limit.
+    is counted as it arrives and cut off at the limit. ``limit`` is the file's limit plus the
+    multipart framing; the route checks the file's own size exactly.
     """
 
-    def __init__(self, app: Any, limit: int, paths: tuple[str, ...]) -> None:
+    def __init__(self, app: Any, limit: int, file_limit: int, paths: tuple[str, ...]) -> None:
         self.app = app
         self.limit = limit
+        self.file_limit = file_limit
         self.paths = paths
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
@@ -363,13 +442,14 @@ class UploadLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Any) -> None:
-        megabytes = self.limit / (1024 * 1024)
-        body = json.dumps({"detail": f"upload too large: the limit is {megabytes:g} MB"}).encode()
+        body = json.dumps({"detail": upload_too_large(self.file_limit)}).encode()
+        # No "connection: close": closing while the client still sends would reset the connection
+        # before it reads this answer; the server reads and discards the rest for a while instead.
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -379,21 +459,69 @@ class _TooLarge(Exception):
     pass
 
 
+def upload_too_large(limit: int) -> str:
+    return f"upload too large: the limit is {limit / (1024 * 1024):g} MiB"
+
+
+class SecurityHeaders:
+    """ASGI middleware: headers on every answer, the refusals of the outer checks included.
+
+    ``Cross-Origin-Resource-Policy: same-origin`` stops pages of other sites from loading any
+    answer (an ``<img src=…/api/thumb?path=…>`` would otherwise tell them which files are indexed).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        page = scope["path"] == "/" or scope["path"].startswith("/static/") or scope["path"] == "/docs"
+
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                present = {name.lower() for name, _ in headers}
+                extra = [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"cross-origin-resource-policy", b"same-origin"),
+                ]
+                if page:
+                    extra += [(b"x-frame-options", b"DENY")]
+                    if scope["path"] != "/docs":  # Swagger UI's page has inline script
+                        extra += [(b"content-security-policy", _PAGE_CSP.encode())]
+                message["headers"] = headers + [(name, value) for name, value in extra if name not in present]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(
     index: ImageIndex,
     thumb_dir: Path,
     *,
     limits: Limits | None = None,
     allowed_hosts: list[str] | None = None,
+    credentials: Credentials | None = None,
 ) -> FastAPI:
     """The pixfind web app over ``index`` (kept open; the caller closes it).
 
     ``thumb_dir``: where thumbnails are cached. ``allowed_hosts``: Host header names accepted
-    (None: any; :func:`serve` passes the loopback names when bound to loopback).
+    (None: any; :func:`serve` passes the loopback names when bound to loopback). ``credentials``:
+    what every request must carry (None: nothing).
     """
     limits = limits or Limits()
     service = WebService(index, thumb_dir, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.decoder.shutdown(wait=False, cancel_futures=True)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="pixfind",
         version=__version__,
         docs_url=None,  # served below from the package: the default page loads Swagger UI from a CDN
@@ -402,19 +530,17 @@ def create_app(
         "plus `size` and `thumb`, `image` and `similar` URLs.",
     )
     app.state.pixfind = service
-    app.add_middleware(UploadLimit, limit=limits.max_upload_bytes, paths=("/api/search/image",))
+    # added innermost first: SecurityHeaders sees every answer, the Host check runs first
+    app.add_middleware(
+        UploadLimit,
+        limit=limits.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        file_limit=limits.max_upload_bytes,
+        paths=("/api/search/image",),
+    )
+    app.add_middleware(AccessGuard, credentials=credentials)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if request.url.path == "/" or request.url.path.startswith("/static/"):
-            response.headers.setdefault("Content-Security-Policy", _PAGE_CSP)
-            response.headers.setdefault("X-Frame-Options", "DENY")
-        return response
+    app.add_middleware(SecurityHeaders)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> Response:
@@ -428,13 +554,13 @@ def create_app(
         text = q.strip()
         if not text:
             raise ApiError(400, "empty query: type what the picture shows")
-        if len(text) > limits.max_query_chars:
-            raise ApiError(400, f"query too long: at most {limits.max_query_chars} characters")
+        if len(text) > MAX_QUERY_CHARS:
+            raise ApiError(400, f"query too long: at most {MAX_QUERY_CHARS:,} characters")
         return text
 
     def check_k(k: int) -> int:
-        if k > limits.max_results:
-            raise ApiError(400, f"bad request: k: at most {limits.max_results} results")
+        if k > MAX_RESULTS:
+            raise ApiError(400, f"bad request: k: at most {MAX_RESULTS:,} results")
         return k
 
     def check_under(request: Request) -> str | None:
@@ -487,10 +613,17 @@ def create_app(
         k: KParam = DEFAULT_RESULTS,
         under: UnderParam = None,
     ) -> Response:
-        folder, k = check_under(request), check_k(k)
-        started = time.perf_counter()
         try:
-            return await run_in_threadpool(_search_upload, service, file, k, folder, started)
+            folder, k = check_under(request), check_k(k)
+            started = time.perf_counter()
+            if file.size is not None and file.size > limits.max_upload_bytes:
+                raise ApiError(413, upload_too_large(limits.max_upload_bytes))
+            if not file.size:
+                raise ApiError(400, "not a usable image: the upload is empty")
+            loop = asyncio.get_running_loop()
+            image = await loop.run_in_executor(service.decoder, _decode_upload, file.file, limits)
+            hits = await run_in_threadpool(service.call, index.search_image, image, limit=k, under=folder)
+            return service.hits_json(hits, started)
         finally:
             await file.close()
 
@@ -502,7 +635,7 @@ def create_app(
         under: UnderParam = None,
     ) -> Response:
         target = clean_path(raw_query_param(request, "path"))
-        if target is None or not service.contains(target):
+        if target is None or not service.call(index.contains, target):
             raise ApiError(404, "not in the index: pass the path of an indexed image")
         started = time.perf_counter()
         hits = service.call(index.similar, target, limit=check_k(k), under=check_under(request))
@@ -512,64 +645,71 @@ def create_app(
     def info() -> Response:
         data = dict(service.call(index.info))
         data.pop("token", None)
+        data["random_weights"] = _random_weights(data)
         data["server"] = {
             "version": __version__,
             "thumb_size": limits.thumb_size,
             "max_upload_bytes": limits.max_upload_bytes,
-            "max_query_chars": limits.max_query_chars,
-            "max_results": limits.max_results,
+            "max_upload_pixels": limits.max_upload_pixels,
+            "max_upload_jpeg_pixels": limits.max_upload_jpeg_pixels,
+            "max_query_chars": MAX_QUERY_CHARS,
+            "max_results": MAX_RESULTS,
         }
         return AsciiJSONResponse(data, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/thumb", summary="JPEG thumbnail of an indexed image")
     def thumb(request: Request, path: PathParam, v: VersionParam = None) -> Response:
-        target, st = service.indexed_file(raw_query_param(request, "path"))
-        cache = _IMMUTABLE if v and v == f"{st.st_size:x}-{st.st_mtime_ns:x}" else _REVALIDATE
-        etag = _etag(st, f"-t{limits.thumb_size}")
-        if (cached := _not_modified(request, etag, cache)) is not None:
-            return cached
-        file = service.thumbnail(target, st)
+        opened = service.indexed_file(raw_query_param(request, "path"))
+        try:
+            cache = _IMMUTABLE if v and v == opened.version else _REVALIDATE
+            etag = _etag(opened, f"-t{limits.thumb_size}")
+            if (cached := _not_modified(request, etag, cache)) is not None:
+                return cached
+            file = service.thumbnail(opened)
+        finally:
+            opened.close()
         return FileResponse(file, media_type="image/jpeg", headers={"Cache-Control": cache, "ETag": etag})
 
     @app.get("/api/image", summary="The original file of an indexed image, streamed")
     def image(request: Request, path: PathParam, v: VersionParam = None) -> Response:
-        target, st = service.indexed_file(raw_query_param(request, "path"))
-        cache = _IMMUTABLE if v and v == f"{st.st_size:x}-{st.st_mtime_ns:x}" else _REVALIDATE
-        etag = _etag(st)
-        if (cached := _not_modified(request, etag, cache)) is not None:
-            return cached
-        media_type = _image_media_type(target)
-        return FileResponse(
-            target,
-            media_type=media_type,
-            stat_result=st,
-            headers={"Cache-Control": cache, "ETag": etag},
-        )
+        opened = service.indexed_file(raw_query_param(request, "path"))
+        try:
+            cache = _IMMUTABLE if v and v == opened.version else _REVALIDATE
+            etag = _etag(opened)
+            if (cached := _not_modified(request, etag, cache)) is not None:
+                opened.close()
+                return cached
+            media_type = _image_media_type(opened)
+            return FileResponse(
+                opened.source,  # the file opened and checked above, not the path again
+                media_type=media_type,
+                stat_result=opened.stat,
+                headers={"Cache-Control": cache, "ETag": etag},
+                background=BackgroundTask(opened.close),
+            )
+        except BaseException:
+            opened.close()
+            raise
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
-def _search_upload(service: WebService, upload: UploadFile, k: int, folder: str | None, started: float) -> Response:
-    """Decode an upload with the indexer's guarded loader, then search by it (in a worker thread)."""
-    limit = service.limits.max_upload_bytes
-    with tempfile.NamedTemporaryFile(prefix="pixfind-upload-", suffix=".img") as tmp:
-        copied = 0
-        upload.file.seek(0)
-        while chunk := upload.file.read(1 << 20):
-            copied += len(chunk)
-            if copied > limit:
-                raise ApiError(413, f"upload too large: the limit is {limit / (1024 * 1024):g} MB")
-            tmp.write(chunk)
-        tmp.flush()
-        if copied == 0:
-            raise ApiError(400, "not a usable image: the upload is empty")
-        try:
-            loaded = load_image(tmp.name, min_side=UPLOAD_DRAFT_SIDE)
-        except ImageLoadError as exc:
-            raise ApiError(400, f"not a usable image: {exc.reason}") from exc
-    hits = service.call(service.index.search_image, loaded.image, limit=k, under=folder)
-    return service.hits_json(hits, started)
+def _decode_upload(upload: IO[bytes], limits: Limits) -> Any:
+    """An upload decoded at reduced size (in a worker thread); its pixel count is checked from
+    the header first, so an image too large to search by costs nothing."""
+    upload.seek(0)
+    try:
+        loaded = load_reduced(
+            upload,
+            min_side=QUERY_IMAGE_SIDE,
+            max_pixels=limits.max_upload_pixels,
+            max_jpeg_pixels=limits.max_upload_jpeg_pixels,
+        )
+    except ImageLoadError as exc:
+        hint = ": a smaller copy finds the same pictures" if exc.reason.startswith("too large") else ""
+        raise ApiError(400, f"not a usable image: {exc.reason}{hint}") from exc
+    return loaded.image
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -607,6 +747,69 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class Access:
+    """How a server may be reached, and who may ask it: decided from where it listens."""
+
+    loopback: bool
+    allowed_hosts: list[str] | None
+    credentials: Credentials | None
+    lines: list[str]  # what to tell the person who started it
+
+
+def decide_access(host: str, bound: str, port: int, password: str | None, no_auth: bool) -> Access:
+    """Loopback: loopback Host names only, a password only when one is given. Any other address:
+    a password always (``password``, ``$PIXFIND_SERVE_PASSWORD`` or one made up and shown once),
+    unless ``no_auth`` says to share without one."""
+    source = "--password-file"
+    if password is None and os.environ.get(PASSWORD_ENV):
+        password, source = check_password(os.environ[PASSWORD_ENV], PASSWORD_ENV), PASSWORD_ENV
+    if password is not None and no_auth:
+        raise PixfindError(f"--no-auth and a password ({source}) both given: choose one")
+    loopback = is_loopback(bound)
+    credentials = Credentials(password) if password is not None else None
+    if loopback:
+        allowed = loopback_host_names(host, bound)
+        if credentials is None:
+            line = "  only this computer can connect (--host 0.0.0.0 shares it on your network, with a password)"
+        else:
+            line = f"  only this computer can connect, as user {USER} with the password from {source}"
+        return Access(True, allowed, credentials, [line])
+    if credentials is not None:
+        return Access(False, None, credentials, [f"  other computers can connect: user {USER}, password from {source}"])
+    if no_auth:
+        warning = (
+            f"  other computers can connect WITHOUT a password (--no-auth): anyone who reaches port {port} "
+            "sees every indexed picture"
+        )
+        return Access(False, None, None, [warning])
+    made = Credentials.generate()
+    return Access(
+        False,
+        None,
+        made,
+        [
+            f"  other computers can connect: user {USER}, password {made.password}",
+            f"  (to choose the password: {PASSWORD_ENV}=... or --password-file FILE)",
+        ],
+    )
+
+
+def make_server(app: FastAPI, transport: TransportLimits | None = None, log_level: str = "warning") -> Any:
+    """The uvicorn server for ``app``, with slow clients timed out and connections capped."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        http=guarded_protocol(transport or TransportLimits()),
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=3,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
+
+
 def serve(
     settings: Settings | None = None,
     host: str = DEFAULT_HOST,
@@ -615,29 +818,35 @@ def serve(
     thumb_dir: Path | None = None,
     index: ImageIndex | None = None,
     limits: Limits | None = None,
+    transport: TransportLimits | None = None,
     log_level: str = "warning",
     echo: Callable[[str], None] | None = None,
     exact: bool = False,
+    password: str | None = None,
+    no_auth: bool = False,
 ) -> None:
     """Run the web app until Ctrl+C. ``pixfind serve`` calls this. ``exact``: keep exact search
     on a large embedded index instead of :meth:`ImageIndex.optimize_for_queries`.
 
     ``settings``: where the index is (``Settings.from_env()`` when None). ``port`` 0 picks a free
     one. ``thumb_dir``: thumbnail cache (default: ``<cache dir>/thumbs``). ``index``: an index
-    already open (it is closed on exit either way). Raises :class:`PixfindError` for problems the
-    user can fix (index locked or unreachable, port taken).
+    already open (it is closed on exit either way). ``password``/``no_auth``: see
+    :func:`decide_access`. Raises :class:`PixfindError` for problems the user can fix (index locked
+    or unreachable, port taken, a password too short).
     """
-    import uvicorn
-
     from .config import Settings, cache_dir
 
     say = echo or (lambda line: print(line, flush=True))
     settings = settings or Settings.from_env()
     sock = bind_socket(host, port)
     try:
+        bound, bound_port = sock.getsockname()[:2]
+        access = decide_access(host, bound, bound_port, password, no_auth)
         index = index or open_index(settings)
     except BaseException:
         sock.close()
+        if index is not None:
+            index.close()
         raise
     try:
         if exact:
@@ -655,31 +864,25 @@ def serve(
             details = index.info()
             count = details.get("images", details.get("count"))
             where = details.get("uri") or where
-        loopback = host in LOOPBACK_HOSTS
         app = create_app(
             index,
             thumb_dir or cache_dir() / "thumbs",
             limits=limits,
-            allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"] if loopback else None,
+            allowed_hosts=access.allowed_hosts,
+            credentials=access.credentials,
         )
-        bound_port = sock.getsockname()[1]
         shown_host = f"[{host}]" if ":" in host else host
         if host in ("0.0.0.0", "::"):
             shown_host = "localhost"
         url = f"http://{shown_host}:{bound_port}/"
         images = f"{count:,} images" if isinstance(count, int) else "the index"
         say(f"pixfind: serving {images} from {where} at {url}")
-        if loopback:
-            say("  only this computer can connect (pass --host 0.0.0.0 to share it on your network)")
-        else:
-            say(f"  listening on {host}: other computers on your network can connect, unauthenticated")
+        for line in access.lines:
+            say(line)
         say(f"  API documentation: {url}docs · press Ctrl+C to stop")
-        config = uvicorn.Config(
-            app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3, server_header=False
-        )
-        server = uvicorn.Server(config)
+        server = make_server(app, transport, log_level)
         _exit_cleanly_on_sigterm()
-        with contextlib.suppress(KeyboardInterrupt), _announce(index, host, bound_port):
+        with contextlib.suppress(KeyboardInterrupt), _announce(index, bound, bound_port, access.credentials):
             server.run(sockets=[sock])
     finally:
         sock.close()
@@ -691,21 +894,24 @@ def _exit_cleanly_on_sigterm() -> None:
     blocks (closing the index, removing the announcement) instead of an abrupt kill."""
     import signal
     import sys
-    import threading
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def _announce(index: ImageIndex, host: str, port: int) -> contextlib.AbstractContextManager[None]:
-    """On an embedded index, tell other pixfind commands where to send their searches."""
+def _announce(
+    index: ImageIndex, bound: str, port: int, credentials: Credentials | None
+) -> contextlib.AbstractContextManager[None]:
+    """On an embedded index, tell other pixfind commands of this user where to send their queries
+    (and, when this server asks for a password, the key that stands for it)."""
     if index.store.is_server:
         return contextlib.nullcontext()
     from .remote import announced
 
-    local = "127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound, bound)
     local = f"[{local}]" if ":" in local else local
-    return announced(index.store.uri, f"http://{local}:{port}/", index.settings.collection)
+    key = credentials.local_key if credentials else None
+    return announced(index.store.uri, f"http://{local}:{port}/", index.settings.collection, key=key)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -714,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from .config import Settings
+    from .web_access import read_password_file
 
     parser = argparse.ArgumentParser(prog="python -m pixfind.web", description=serve.__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST)
@@ -722,10 +929,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token")
     parser.add_argument("--collection")
     parser.add_argument("--thumb-dir", type=Path)
+    parser.add_argument("--password-file", type=Path)
+    parser.add_argument("--no-auth", action="store_true")
     args = parser.parse_args(argv)
     settings = Settings.from_env(uri=args.uri, token=args.token, collection=args.collection)
     try:
-        serve(settings, args.host, args.port, thumb_dir=args.thumb_dir)
+        password = read_password_file(args.password_file) if args.password_file else None
+        serve(settings, args.host, args.port, thumb_dir=args.thumb_dir, password=password, no_auth=args.no_auth)
     except PixfindError as exc:
         print(f"pixfind: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -7,14 +7,16 @@
     form: $("#search-form"), q: $("#q"), k: $("#k"), under: $("#under"), underClear: $("#under-clear"),
     folders: $("#folders"), uploadBtn: $("#upload-btn"), file: $("#file-input"),
     status: $("#status"), error: $("#error"), empty: $("#empty"), results: $("#results"),
-    info: $("#info"), summary: $("#index-summary"), dropzone: $("#dropzone"),
+    info: $("#info"), summary: $("#index-summary"), dropzone: $("#dropzone"), notice: $("#notice"),
     viewer: $("#viewer"), vImg: $("#viewer-img"), vName: $("#viewer-name"), vPath: $("#viewer-path"),
     vDims: $("#viewer-dims"), vSize: $("#viewer-size"), vScore: $("#viewer-score"), vRank: $("#viewer-rank"),
     vOpen: $("#viewer-open"), vMore: $("#more-like-this"), vFolder: $("#viewer-folder"),
     vCopy: $("#viewer-copy"), vPrev: $("#viewer-prev"), vNext: $("#viewer-next"), vClose: $("#viewer-close"),
   };
 
-  const state = { hits: [], current: -1, controller: null, queryImageUrl: null, queryFile: null, folders: new Set() };
+  const state = {
+    hits: [], current: -1, controller: null, queryImageUrl: null, queryFile: null, folders: new Set(), maxUpload: 0,
+  };
 
   // -- helpers --------------------------------------------------------------------------------
 
@@ -135,6 +137,11 @@
     if (!file) return;
     if (file.type && !file.type.startsWith("image/")) {
       showError(`${file.name || "That file"} is not an image`);
+      return;
+    }
+    if (state.maxUpload && file.size > state.maxUpload) { // said here, without sending it first
+      showError(`${file.name || "That image"} is too large to search by (${formatBytes(file.size)}; `
+        + `the limit is ${formatBytes(state.maxUpload)}): a smaller copy finds the same pictures`);
       return;
     }
     const body = new FormData();
@@ -367,9 +374,22 @@
         : "The index is empty: run pixfind index FOLDER, then search here.";
       const max = info.server?.max_results;
       if (max) for (const option of els.k.options) option.disabled = Number(option.value) > max;
+      if (info.server?.max_query_chars) els.q.maxLength = info.server.max_query_chars;
+      state.maxUpload = Number(info.server?.max_upload_bytes || 0);
+      if (info.random_weights) showRandomWeightsNotice();
     } catch (err) {
       els.info.textContent = `index unavailable: ${err.message}`;
     }
+  }
+
+  function showRandomWeightsNotice() {
+    // Said once, at the top: every ranking on this page is then meaningless.
+    els.notice.replaceChildren(
+      el("strong", { text: "Random weights. " }),
+      "This index was built with ", el("code", { text: "--pretrained none" }),
+      " (a test model): the rankings here mean nothing. Index again with real weights to search by meaning.",
+    );
+    els.notice.hidden = false;
   }
 
   loadInfo();
