@@ -29,6 +29,7 @@ os.environ.setdefault("PIXFIND_THREADS", "2")
 os.environ.setdefault("PIXFIND_BACKEND", "torch")
 
 SMALL_MODEL = "ViT-S-32"
+SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +47,36 @@ def small_encoder():  # type: ignore[no-untyped-def]
 
     configure_threads(2)
     return ClipEncoder(ModelSpec(SMALL_MODEL, None), "cpu")
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(small_encoder, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A cache folder holding ViT-S-32's ONNX export, made once per session, so child processes
+    given it run pixfind's default CPU backend (ONNX Runtime / OpenVINO) without exporting again."""
+    from pixfind import onnx_encoder
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("PIXFIND_CACHE_DIR")
+    os.environ["PIXFIND_CACHE_DIR"] = str(folder)
+    try:
+        onnx_encoder.export(small_encoder)
+    finally:
+        if previous is None:
+            os.environ.pop("PIXFIND_CACHE_DIR", None)
+        else:
+            os.environ["PIXFIND_CACHE_DIR"] = previous
+    return folder
+
+
+def cli_env(onnx_cache: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment of a ``pixfind`` child process: this checkout first on its path; with
+    ``onnx_cache``, the default backend (``PIXFIND_BACKEND`` unset) on that export."""
+    env = {**os.environ, "PIXFIND_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
+    if onnx_cache is not None:
+        env.pop("PIXFIND_BACKEND", None)
+        env["PIXFIND_CACHE_DIR"] = str(onnx_cache)
+    return env
 
 
 def draw_photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
