@@ -132,30 +132,39 @@ def displayed_size(path: str | Path) -> tuple[int, int]:
 
 
 def stored_rows(
-    uri: str, token: str | None = None, collection: str = "pixfind", store: Store | None = None
+    uri: str,
+    token: str | None = None,
+    collection: str = "pixfind",
+    store: Store | None = None,
+    strong: bool = False,
 ) -> dict[str, StoredRow]:
     """Every stored row by file path; fails on duplicate keys. ``store``: read through this open
-    Store (a Lite file is locked by the process that has it open, this one included)."""
+    Store (a Lite file is locked by the process that has it open, this one included).
+
+    Rows are read as any later process reads them (the README promises that a search right after
+    ``pixfind index`` sees every image it reported); ``strong``: first wait until every write
+    accepted by a server is visible, for writes of a process that was killed and never flushed."""
     from pixfind.config import is_server_uri
     from pixfind.store import Store
 
     if store is not None:
-        return _read_rows(store)
+        return _read_rows(store, strong)
     with Store(uri, token=token, collection=collection) as opened:
-        rows = _read_rows(opened)
+        rows = _read_rows(opened, strong)
     if not is_server_uri(uri):
         _release_lite(uri)
     return rows
 
 
-def _read_rows(store: Store) -> dict[str, StoredRow]:
+def _read_rows(store: Store, strong: bool) -> dict[str, StoredRow]:
     from pixfind.pathkeys import keys_filter, path_of
     from pixfind.store import flat_record, record_fields
 
     rows: dict[str, StoredRow] = {}
     if not store.exists():
         return rows
-    store.sync()  # on a server: see every write, also those of a killed process
+    if strong:
+        store.sync()
     keys = [key for page in store.iter_keys() for key in page]
     assert len(keys) == len(set(keys)), "a key is stored twice"
     count = store.count()
@@ -201,11 +210,12 @@ def check_index(
     token: str | None = None,
     collection: str = "pixfind",
     store: Store | None = None,
+    strong: bool = False,
 ) -> list[Verdict]:
     """Assert that the index holds exactly ``files``, each with its own current vector and record;
-    returns the per-file verdicts (cosines) for reports. ``store``: an open Store to read through."""
+    returns the per-file verdicts (cosines) for reports. ``store``, ``strong``: see stored_rows."""
     expected = sorted({str(f) for f in files})
-    rows = stored_rows(uri, token=token, collection=collection, store=store)
+    rows = stored_rows(uri, token=token, collection=collection, store=store, strong=strong)
     missing = sorted(set(expected) - set(rows))
     extra = sorted(set(rows) - set(expected))
     assert not missing and not extra, f"stored set differs: missing {missing[:5]}, extra {extra[:5]}"
