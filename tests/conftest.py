@@ -177,6 +177,32 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         store.drop()
 
 
+# -- order independence ---------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``PIXFIND_TEST_ORDER=reverse`` or ``shuffle:SEED`` reorders the tests inside each module
+    (modules keep their order, so module fixtures are still built once): a test that passes only
+    after another one has run shows up."""
+    import random
+
+    order = os.environ.get("PIXFIND_TEST_ORDER", "")
+    if not order:
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    rng = random.Random(order)
+    for group in modules.values():
+        if order == "reverse":
+            group.reverse()
+        elif order.startswith("shuffle:"):
+            rng.shuffle(group)
+        else:
+            raise pytest.UsageError(f"PIXFIND_TEST_ORDER={order!r}: use reverse or shuffle:SEED")
+    items[:] = [item for group in modules.values() for item in group]
+
+
 # -- no silent skips in CI -------------------------------------------------------------------------
 
 #: Set by .ci/run: every collected test must run. A test that skips (no Chromium, no tmpfs, no

@@ -80,11 +80,11 @@ def test_bad_file_gives_its_reason(name: str, make, reason: str, tmp_path: Path)
     path = tmp_path / name
     path.write_bytes(make())
     for min_side in (None, 224):
-        started = time.perf_counter()
         with pytest.raises(ImageLoadError) as caught:
             load_image(path, min_side=min_side)
         assert reason in caught.value.reason
-        assert time.perf_counter() - started < 1.0  # refused from the header, nothing decoded
+    # bombs are refused from the header, before decoding: test_documented_figures.py checks it
+    # (no pixel data read); how long each refusal takes is measured by benchmarks/decode_guards.py
 
 
 def test_odd_but_valid_files_decode_correctly(tmp_path: Path) -> None:
@@ -114,15 +114,6 @@ def test_odd_but_valid_files_decode_correctly(tmp_path: Path) -> None:
     cmyk = np.asarray(load_image(tmp_path / "print.jpg").image, float)
     assert cmyk.shape == (48, 64, 3)
     assert np.abs(cmyk - np.asarray(photo, float)).mean() < 12  # colours survive the round trip
-
-
-def test_first_frame_only_is_read_from_long_animations(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    frames = [Image.fromarray(rng.integers(0, 255, (200, 200), dtype=np.uint8)).convert("P") for _ in range(4)]
-    frames[0].save(tmp_path / "long.gif", save_all=True, append_images=frames[1:] * 100, duration=10)
-    started = time.perf_counter()
-    load_image(tmp_path / "long.gif", min_side=224)
-    assert time.perf_counter() - started < 0.05  # 401 frames: not walked to count them
 
 
 # -- the scanner and the indexer on a hostile tree --------------------------------------------
