@@ -27,12 +27,12 @@ pictures as in ``conftest.draw_photo``):
   documented draft side, 1.5x the model input), pixfind's ONNX Runtime, OpenVINO and torch
   vectors differ from the reference only by float rounding: 1 - cosine <= 1e-7 measured (11
   files, each runtime); :data:`EXACT_MIN_COSINE` is 0.99999, a hundred times that;
-* where a JPEG may be decoded at reduced size (README: ``Image.draft`` to 1.5x the model input),
-  drawn pictures measured >= 0.99998 (48 files, 700-2400 px; 0.9999925 through ``pixfind
-  index``); real photos measured down to
-  0.9986 (60 photos, README: >= 0.9985 on 150), which is why :data:`REDUCED_MIN_COSINE` is the
-  0.999 the issue names and applies to drawn pictures only. It stays above the 0.995 that
-  separates two different pictures, and the nearest-reference rule catches the rest.
+* where a file may be decoded at reduced size (README: ``Image.draft`` to 1.5x the model input
+  for JPEGs; a box reduction for other formats), drawn pictures measured >= 0.99998 (48 JPEGs,
+  700-2400 px; 0.9999925 through ``pixfind index``). :data:`REDUCED_MIN_COSINE` is 0.999: 50
+  times that deviation, and still above the 0.995 that two different pictures can reach (the
+  nearest-reference rule catches the rest). It holds for drawn test pictures only: real photos
+  measured down to 0.9986 (60 photos; README: >= 0.9985 on 150).
 """
 
 from __future__ import annotations
