@@ -252,7 +252,7 @@ def test_the_pixel_guard_refuses_just_over_the_documented_limit(make, min_sides,
 
 
 def test_the_pixel_guard_refuses_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """README: refused "before decoding": no pixel data is read for a file over the limit (225 MP:
+    """docs/reliability.md: "refused before decoding": no pixel data is read for a file over the limit (225 MP:
     over pixfind's limit, under the one Pillow itself enforces when a file is opened)."""
     path = tmp_path / "bomb.png"
     path.write_bytes(png_claiming(15_000, 15_000))
