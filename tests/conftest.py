@@ -29,6 +29,7 @@ os.environ.setdefault("PIXFIND_THREADS", "2")
 os.environ.setdefault("PIXFIND_BACKEND", "torch")
 
 SMALL_MODEL = "ViT-S-32"
+SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +47,36 @@ def small_encoder():  # type: ignore[no-untyped-def]
 
     configure_threads(2)
     return ClipEncoder(ModelSpec(SMALL_MODEL, None), "cpu")
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(small_encoder, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """A cache folder holding ViT-S-32's ONNX export, made once per session, so child processes
+    given it run pixfind's default CPU backend (ONNX Runtime / OpenVINO) without exporting again."""
+    from pixfind import onnx_encoder
+
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    previous = os.environ.get("PIXFIND_CACHE_DIR")
+    os.environ["PIXFIND_CACHE_DIR"] = str(folder)
+    try:
+        onnx_encoder.export(small_encoder)
+    finally:
+        if previous is None:
+            os.environ.pop("PIXFIND_CACHE_DIR", None)
+        else:
+            os.environ["PIXFIND_CACHE_DIR"] = previous
+    return folder
+
+
+def cli_env(onnx_cache: Path | None = None, **extra: str) -> dict[str, str]:
+    """Environment of a ``pixfind`` child process: this checkout first on its path; with
+    ``onnx_cache``, the default backend (``PIXFIND_BACKEND`` unset) on that export."""
+    env = {**os.environ, "PIXFIND_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
+    if onnx_cache is not None:
+        env.pop("PIXFIND_BACKEND", None)
+        env["PIXFIND_CACHE_DIR"] = str(onnx_cache)
+    return env
 
 
 def draw_photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
@@ -144,3 +175,59 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     yield chosen
     with contextlib.suppress(Exception), chosen.store() as store:
         store.drop()
+
+
+# -- order independence ---------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``PIXFIND_TEST_ORDER=reverse`` or ``shuffle:SEED`` reorders the tests inside each module
+    (modules keep their order, so module fixtures are still built once): a test that passes only
+    after another one has run shows up."""
+    import random
+
+    order = os.environ.get("PIXFIND_TEST_ORDER", "")
+    if not order:
+        return
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    rng = random.Random(order)
+    for group in modules.values():
+        if order == "reverse":
+            group.reverse()
+        elif order.startswith("shuffle:"):
+            rng.shuffle(group)
+        else:
+            raise pytest.UsageError(f"PIXFIND_TEST_ORDER={order!r}: use reverse or shuffle:SEED")
+    items[:] = [item for group in modules.values() for item in group]
+
+
+# -- no silent skips in CI -------------------------------------------------------------------------
+
+#: Set by .ci/run: every collected test must run. A test that skips (no Chromium, no tmpfs, no
+#: right to drop privileges...) fails instead, with its reason, so a green run means every claim
+#: was checked. Outside CI, skips stay skips (listed with their reasons by scripts/test.sh).
+NO_SKIPS = os.environ.get("PIXFIND_NO_SKIPS") == "1"
+
+
+def _skip_reason(longrepr: object) -> str:
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run (PIXFIND_NO_SKIPS=1): {_skip_reason(report.longrepr)}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run (PIXFIND_NO_SKIPS=1): {_skip_reason(report.longrepr)}"

@@ -1,28 +1,37 @@
 """Run the real ``pixfind`` CLI, and kill it (or press Ctrl-C on it) at a chosen point.
 
-    python tests/crashpoint.py POINT N ACTION [WRITE_EVERY] -- index FOLDER --uri DB ...
+    python tests/crashpoint.py POINT N ACTION [WRITE_EVERY [ROWS_PER_CALL]] -- index FOLDER --uri DB ...
 
 POINT is where, counted N times (1 = the first time the point is reached):
 
 * ``scan``: after the N-th file found by the scanner;
 * ``decode``: in a decode thread, when the N-th file is decoded;
-* ``encode``: after the N-th batch is embedded, before its rows are written (mid-batch);
-* ``upsert``: during the N-th upsert call to Milvus, a random 0-40 ms after it starts;
-* ``delete``: during the N-th delete call (removing rows of vanished files);
+* ``encode`` (or ``embed``): after the N-th batch is embedded, before its rows are written;
+* ``upsert``: inside the N-th ``Store.write`` call, held there: once Milvus has acknowledged the
+  first of the call's upsert requests and before the next is sent, this wrapper fires the kill
+  itself, so the call is known to be half done (ROWS_PER_CALL makes one write several requests);
+* ``prune``: inside the prune (rows of vanished files deleted), after its N-th delete request is
+  acknowledged and before the rest are sent (ROWS_PER_CALL keys per request);
+* ``upsert-timer`` / ``delete``: a random 0-40 ms into the N-th upsert / delete call (anywhere:
+  the randomised slow test uses these);
 * ``model``: when the model starts loading;
 * ``never``: run to the end (the same harness, for timings).
 
-ACTION is ``kill`` (SIGKILL to this process: the hardest crash), ``killall`` (SIGKILL to this
-process and its Milvus Lite server at once), or ``sigint`` (SIGINT to the whole process group, as a
-terminal's Ctrl-C does). WRITE_EVERY (optional) lowers the indexer's rows-per-write so a small
-test folder is written in several steps. Nothing in pixfind itself is changed: the points are
-wrappers around its functions, installed before the CLI runs.
+Before a kill at ``upsert`` or ``prune`` the wrapper prints one line to stderr,
+``crashpoint: killed inside ... K of M rows ...``, which the tests read: they then know exactly
+which rows were written. ACTION is ``kill`` (SIGKILL to this process: the hardest crash),
+``killall`` (SIGKILL to this process and its Milvus Lite server at once), or ``sigint`` (SIGINT to
+the whole process group, as a terminal's Ctrl-C does). WRITE_EVERY lowers the indexer's
+rows-per-write so a small test folder is written in several steps; ROWS_PER_CALL lowers the rows
+(or keys) per Milvus request. Nothing in pixfind itself is changed: the points are wrappers
+around its functions (and pymilvus' client methods), installed before the CLI runs.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -42,9 +51,35 @@ def _fire(action: str) -> None:
     time.sleep(10)  # never reached
 
 
+def announce_the_runtime() -> None:
+    """Say once, on stderr, what embedded the first batch (``torch``, ``onnxruntime`` or
+    ``openvino``), so that a test knows which backend it exercised."""
+    import pixfind.onnx_encoder as onnx_encoder
+
+    real_load = onnx_encoder.load_encoder
+
+    def load_encoder(*args, **kwargs):  # type: ignore[no-untyped-def]
+        encoder = real_load(*args, **kwargs)
+        real_encode = encoder.encode_images
+
+        def encode_images(pixels):  # type: ignore[no-untyped-def]
+            vectors = real_encode(pixels)
+            if encoder.encode_images is encode_images:
+                encoder.encode_images = real_encode  # once is enough
+                _say(f"images embedded on {getattr(encoder, 'image_runtime', None) or 'torch'}")
+            return vectors
+
+        encoder.encode_images = encode_images
+        return encoder
+
+    onnx_encoder.load_encoder = load_encoder
+
+
 def install(point: str, count: int, action: str) -> None:
     import pixfind.indexer as indexer
     import pixfind.store as store
+
+    announce_the_runtime()
 
     calls = {"n": 0}
     lock = threading.Lock()
@@ -73,7 +108,7 @@ def install(point: str, count: int, action: str) -> None:
             return real_prepare(*args, **kwargs)
 
         indexer._prepare = prepare
-    elif point == "encode":
+    elif point in ("encode", "embed"):
         real_encode = indexer.Indexer._encode
 
         def encode(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -83,8 +118,8 @@ def install(point: str, count: int, action: str) -> None:
             return rows
 
         indexer.Indexer._encode = encode
-    elif point in ("upsert", "delete"):
-        method = "write" if point == "upsert" else "delete"
+    elif point in ("upsert-timer", "delete"):
+        method = "write" if point == "upsert-timer" else "delete"
         real = getattr(store.Store, method)
 
         def during(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -93,6 +128,10 @@ def install(point: str, count: int, action: str) -> None:
             return real(self, *args, **kwargs)
 
         setattr(store.Store, method, during)
+    elif point == "upsert":
+        _inside_writes(store, reached, action)
+    elif point == "prune":
+        _inside_prune(indexer, reached, action)
     elif point == "model":
         import pixfind.encoder as encoder
 
@@ -108,6 +147,73 @@ def install(point: str, count: int, action: str) -> None:
         raise SystemExit(f"unknown point {point}")
 
 
+def _say(line: str) -> None:
+    print(f"crashpoint: {line}", file=sys.stderr, flush=True)
+
+
+def _inside_writes(store, reached, action: str) -> None:  # type: ignore[no-untyped-def]
+    """Kill inside the N-th Store.write, between two of its acknowledged upsert requests."""
+    from pymilvus import MilvusClient
+
+    real_write, real_upsert = store.Store.write, MilvusClient.upsert
+    held = {"rows": 0, "acked": 0}
+
+    def write(self, rows, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if reached():
+            held["rows"], held["acked"] = len(rows), 0
+        try:
+            return real_write(self, rows, *args, **kwargs)
+        finally:
+            held["rows"] = 0
+
+    def upsert(client, collection_name, data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_upsert(client, collection_name, data, *args, **kwargs)
+        if held["rows"]:
+            held["acked"] += len(data)
+            if held["acked"] < held["rows"]:
+                _say(f"killed inside Store.write: {held['acked']} of {held['rows']} rows acknowledged")
+                _fire(action)
+        return result
+
+    store.Store.write = write
+    MilvusClient.upsert = upsert
+
+
+def _inside_prune(indexer, reached, action: str) -> None:  # type: ignore[no-untyped-def]
+    """Kill inside the prune, after its N-th acknowledged delete request, with more to send."""
+    from pymilvus import MilvusClient
+
+    real_prune, real_delete = indexer.Indexer._prune, MilvusClient.delete
+    pruning = {"on": False, "deleted": 0, "gone": 0}
+    real_is_indexable = indexer.is_indexable
+
+    def counting_is_indexable(path: str) -> bool:  # how many rows the prune will delete
+        found = real_is_indexable(path)
+        if pruning["on"] and not found:
+            pruning["gone"] += 1
+        return found
+
+    def prune(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        pruning["on"] = True
+        try:
+            return real_prune(self, *args, **kwargs)
+        finally:
+            pruning["on"] = False
+
+    def delete(client, collection_name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_delete(client, collection_name, *args, **kwargs)
+        if pruning["on"]:
+            pruning["deleted"] += len(re.findall(r'"[^"]*"', kwargs.get("filter", "")))  # keys are quoted
+            if reached() and pruning["deleted"] < pruning["gone"]:
+                _say(f"killed inside the prune: {pruning['deleted']} of {pruning['gone']} rows deleted")
+                _fire(action)
+        return result
+
+    indexer.is_indexable = counting_is_indexable
+    indexer.Indexer._prune = prune
+    MilvusClient.delete = delete
+
+
 def main() -> int:
     split = sys.argv.index("--")
     point, count, action, *rest = sys.argv[1:split]
@@ -115,6 +221,10 @@ def main() -> int:
         import pixfind.indexer as indexer
 
         indexer.WRITE_EVERY = int(rest[0])
+    if len(rest) > 1:
+        import pixfind.store as store
+
+        store.WRITE_BATCH = store.SERVER_WRITE_ROWS = store.LOOKUP_BATCH = int(rest[1])
     install(point, int(count), action)
     from pixfind.cli import main as cli_main
 

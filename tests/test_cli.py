@@ -110,6 +110,10 @@ def test_default_vit_b_32_end_to_end_in_a_fresh_process(make_images, tmp_path: P
     assert "3 new" in indexed.stderr
     exports = list((Path(env["PIXFIND_CACHE_DIR"]) / "onnx").glob("ViT-B-32-*/meta.json"))
     assert len(exports) == 1, indexed.stderr
+    from oracle import check_index, image_files
+
+    db = str(Path(env["PIXFIND_DATA_DIR"]) / "pixfind.db")
+    check_index(db, image_files(tmp_path / "photos"), model="ViT-B-32")  # open_clip's own vectors
 
     probe = (
         "import sys, json; from pixfind.cli import main; code = main(sys.argv[1:]); "
@@ -199,11 +203,42 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
     assert not Path(uri + ".serve.json").exists()
 
 
+#: ``pixfind serve`` in a child process that treats any collection as large (the IVF switch is
+#: for 50,000+ images): the threshold must be lowered where the server runs, not in the test.
+SERVE_WITH_LOW_THRESHOLD = (
+    "import sys; import pixfind.store as store; store.LITE_SERVING_MIN_ROWS = 1; "
+    "from pixfind.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def serve_says(uri: str, *flags: str) -> str:
+    """What a `pixfind serve` on ``uri`` says until it listens; once it answers, it is stopped
+    (SIGTERM, as a service manager stops it)."""
+    import re
+    import time
+
+    import httpx
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITH_LOW_THRESHOLD, "serve", "--uri", uri, "--port", "0", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        said = serve_output_until_listening(server, time.monotonic() + 120)
+        url = re.search(r"http://127\.0\.0\.1:\d+/", said)
+        assert url, said
+        assert httpx.get(url.group(0) + "api/info", timeout=60).status_code == 200  # up and serving
+        return said
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ignore[no-untyped-def]
     indexed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import time
-
     from pixfind import store as store_module
     from pixfind.store import Store
 
@@ -211,18 +246,13 @@ def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ign
     monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1)
     with Store(uri) as store:
         assert store.index_for_serving()  # ... and the server is killed before it restores FLAT
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pixfind", "serve", "--uri", uri, "--port", "0", "--exact"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        said = serve_output_until_listening(server, time.monotonic() + 120)
-        assert "approximate" not in said
-    finally:
-        server.terminate()
-        server.wait(30)
+    said = serve_says(uri, "--exact")
+    assert "serving 7 images" in said and "approximate" not in said
+    with Store(uri) as store:
+        assert store.index_type() == "FLAT"
+    # the same server without --exact switches (so the check above can fail), and restores on exit
+    said = serve_says(uri)
+    assert "approximate (IVF) search while serving" in said
     with Store(uri) as store:
         assert store.index_type() == "FLAT"
 

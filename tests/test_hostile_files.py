@@ -80,11 +80,11 @@ def test_bad_file_gives_its_reason(name: str, make, reason: str, tmp_path: Path)
     path = tmp_path / name
     path.write_bytes(make())
     for min_side in (None, 224):
-        started = time.perf_counter()
         with pytest.raises(ImageLoadError) as caught:
             load_image(path, min_side=min_side)
         assert reason in caught.value.reason
-        assert time.perf_counter() - started < 1.0  # refused from the header, nothing decoded
+    # bombs are refused from the header, before decoding: test_documented_figures.py checks it
+    # (no pixel data read); how long each refusal takes is measured by benchmarks/decode_guards.py
 
 
 def test_odd_but_valid_files_decode_correctly(tmp_path: Path) -> None:
@@ -114,15 +114,6 @@ def test_odd_but_valid_files_decode_correctly(tmp_path: Path) -> None:
     cmyk = np.asarray(load_image(tmp_path / "print.jpg").image, float)
     assert cmyk.shape == (48, 64, 3)
     assert np.abs(cmyk - np.asarray(photo, float)).mean() < 12  # colours survive the round trip
-
-
-def test_first_frame_only_is_read_from_long_animations(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    frames = [Image.fromarray(rng.integers(0, 255, (200, 200), dtype=np.uint8)).convert("P") for _ in range(4)]
-    frames[0].save(tmp_path / "long.gif", save_all=True, append_images=frames[1:] * 100, duration=10)
-    started = time.perf_counter()
-    load_image(tmp_path / "long.gif", min_side=224)
-    assert time.perf_counter() - started < 0.05  # 401 frames: not walked to count them
 
 
 # -- the scanner and the indexer on a hostile tree --------------------------------------------
@@ -210,7 +201,24 @@ def test_index_a_hostile_tree_skips_each_with_its_reason(index_factory, tmp_path
 
 
 UNREADABLE = r"""
-import os, sys
+import ctypes, os, sys
+if os.geteuid() == 0:
+    # Root reads any file whatever its mode: give up, in this process, the two capabilities that
+    # allow it (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH). Dropping one's own capabilities needs no
+    # privilege, so this works in any root container; mode bits then apply to this process.
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        sys.exit(f"capget failed: {os.strerror(ctypes.get_errno())}")
+    for cap in (1, 2):
+        data[0].effective &= ~(1 << cap)
+        data[0].permitted &= ~(1 << cap)
+    if libc.capset(ctypes.byref(header), data) != 0:
+        sys.exit(f"capset failed: {os.strerror(ctypes.get_errno())}")
 from pixfind.images import load_image, ImageLoadError, describe_failure
 from pixfind.scanner import scan, fingerprint, ScanProblem, FileEntry
 from PIL import Image
@@ -234,20 +242,8 @@ print("scan:", [p.reason for p in scan(root) if isinstance(p, ScanProblem)])
 
 
 def test_permission_lost_between_scan_and_decode(tmp_path: Path) -> None:
-    """Root reads any file whatever its mode: when the tests run as root, the check runs in a
-    child process whose capability bounding set lacks CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH
-    (still uid 0, so it can run this Python, but mode bits now apply to it)."""
-    import ctypes
-
+    """Runs as root too (as CI does): the child gives up its capabilities to bypass file modes."""
     from test_crash import pixfind_env
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
-
-    def drop_read_override() -> None:
-        for cap in (cap_dac_override, cap_dac_read_search):
-            if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
-                os._exit(97)
 
     work = tmp_path / "perm"
     work.mkdir()
@@ -258,14 +254,11 @@ def test_permission_lost_between_scan_and_decode(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            preexec_fn=drop_read_override if os.geteuid() == 0 else None,
         )
     finally:
         for name in ("secret.jpg", "closed"):
             if (work / name).exists():
                 os.chmod(work / name, 0o700)
-    if result.returncode == 97:
-        pytest.skip("running as root without CAP_SETPCAP: cannot give up the right to read any file")
     assert result.returncode == 0, result.stderr
     assert "load: permission denied" in result.stdout
     assert "fingerprint: permission denied" in result.stdout

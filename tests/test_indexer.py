@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMALL_MODEL, draw_photo
+from oracle import check_index
 
 from pixfind.config import ModelSpec
 from pixfind.errors import ModelMismatchError, PixfindError
@@ -61,6 +62,7 @@ def test_incremental_runs_track_the_folder_exactly(index_factory, make_images, t
     third = idx.add(folder)
     assert third.new == 2 and third.updated == 1 and third.moved == 1 and third.removed == 1
     assert stored_paths(idx) == image_files(folder)
+    check_index(idx.store.uri, image_files(folder), model=SMALL_MODEL, store=idx.store)  # right vectors
     assert idx.info()["images"] == len(image_files(folder))
 
     shutil.rmtree(folder / "sub")
@@ -81,6 +83,7 @@ def test_moved_file_keeps_its_vector_without_embedding(index_factory, make_image
     assert idx.similar(str(target), limit=1)[0].path == str(target)
     assert before > 0.99
     assert stored_paths(idx) == image_files(tmp_path / "a")
+    check_index(idx.store.uri, image_files(tmp_path / "a"), model=SMALL_MODEL, store=idx.store)
 
 
 def test_bad_files_are_reported_and_everything_else_is_stored(index_factory, make_images, tmp_path: Path) -> None:
@@ -99,6 +102,8 @@ def test_bad_files_are_reported_and_everything_else_is_stored(index_factory, mak
     assert "not an image" in reasons["fake.png"]
     assert report.new == 5
     assert len(stored_paths(idx)) == 5
+    good_files = [*map(str, good), str(folder / "dir.jpg" / "img_0050.jpg")]
+    check_index(idx.store.uri, good_files, model=SMALL_MODEL, store=idx.store)
 
 
 def test_under_filter_is_exact_for_wildcard_and_quote_folders(index_factory, make_images, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -49,7 +50,27 @@ def test_round_trip_of_arbitrary_bytes(raw: bytes) -> None:
     assert path_of(key_of(path)) == path
 
 
-def test_filters_are_safe_expressions() -> None:
-    expr = folder_prefix_filter('/a/b_c%"d')
-    assert expr == 'path like "/a/b^5Fc^25^22d/%"'
-    assert keys_filter([key_of("/x/'y'")]) == 'path in ["/x/^27y^27"]'
+def _literals(expr: str) -> list[str]:
+    """The string literals of a filter expression (a literal cannot hold a quote: see below)."""
+    return re.findall(r'"([^"]*)"', expr)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00/"), min_size=1, max_size=30))
+def test_folder_filter_is_one_literal_prefix_of_that_folder_only(name: str) -> None:
+    """Whatever the folder's name: the expression is ``path like "<literal>"`` whose only
+    wildcard is the final ``%``, and whose literal decodes to the folder followed by ``/``
+    (that it matches the right rows in Milvus is checked in test_store_server.py)."""
+    folder = "/photos/" + name
+    expr = folder_prefix_filter(folder)
+    (literal,) = _literals(expr)
+    assert expr == f'path like "{literal}"'
+    assert literal.endswith("%") and not set(literal[:-1]) & set("%_\"\\'")
+    assert path_of(literal[:-1]) == folder.rstrip("/") + "/"
+
+
+@given(st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=20), max_size=5))
+def test_keys_filter_names_exactly_those_keys(names: list[str]) -> None:
+    paths = ["/x/" + name for name in names]
+    expr = keys_filter([key_of(p) for p in paths])
+    assert expr.startswith("path in [") and expr.endswith("]")
+    assert [path_of(literal) for literal in _literals(expr)] == paths

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import docs_figures as docs
 import numpy as np
 import pytest
 from conftest import Backend
@@ -319,34 +320,20 @@ def test_right_token_works(milvus_server: MilvusServer) -> None:
         assert store.count() == 0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_unreachable_uri_fails_fast(capfd: pytest.CaptureFixture[str]) -> None:
-    uri = f"http://127.0.0.1:{free_port()}"
-    began = time.monotonic()
-    with pytest.raises(StoreError) as err:
-        Store(uri, token="root:Milvus")
-    assert time.monotonic() - began < 1.0
+    """One line, nothing from pymilvus' logging, within the README's figure (more cases, and the
+    silent ones: tests/test_documented_figures.py)."""
+    with socket.socket() as bound:  # bound, never listening: refused, and no other process can take it
+        bound.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{bound.getsockname()[1]}"
+        began = time.monotonic()
+        with pytest.raises(StoreError) as err:
+            Store(uri, token="root:Milvus")
+        assert time.monotonic() - began <= docs.at_most(docs.unreachable_uri_s())
     assert str(err.value) == (
         f"cannot reach Milvus at {uri}: connection refused (is the server running?); check --uri / PIXFIND_URI"
     )
     assert capfd.readouterr().err == ""
-
-
-def test_silent_listener_is_bounded_by_the_timeout() -> None:
-    """Something accepts TCP but never speaks gRPC: the connect timeout bounds the wait."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        began = time.monotonic()
-        with pytest.raises(StoreError, match=f"cannot connect to Milvus at {uri}"):
-            Store(uri)
-        assert time.monotonic() - began < store_mod.CONNECT_TIMEOUT_S + 2
 
 
 def test_unknown_host_is_clear() -> None:
@@ -369,21 +356,6 @@ def backend_server(milvus_server: MilvusServer) -> Iterator[Backend]:
     yield chosen
     with chosen.store() as store:
         store.drop()
-
-
-def test_server_writes_are_batched_under_the_grpc_limit() -> None:
-    store = Store.__new__(Store)
-    store.is_server = True
-    rows = [Row("/" + "k" * 8000 + str(i), [0.0] * 512, 1, 1, 1, 1, "f") for i in range(5000)]
-    batches = list(store._write_batches(rows))
-    assert sum(len(b) for b in batches) == len(rows)
-    # each row's vector (2 KiB) and key (8 KiB) are counted: batches stay under 16 MiB of 64
-    assert all(sum(4 * 512 + len(r.key) for r in b) <= store_mod.SERVER_WRITE_BYTES for b in batches)
-    assert len(batches) > 2
-    small = [Row(f"/{i}", [0.0] * 512, 1, 1, 1, 1, "f") for i in range(12_000)]
-    assert [len(b) for b in store._write_batches(small)] == [5000, 5000, 2000]
-    store.is_server = False
-    assert [len(b) for b in store._write_batches(small)] == [1000] * 12
 
 
 # -- the test server itself ------------------------------------------------------------------------

@@ -160,11 +160,11 @@ def test_similar_refuses_paths_outside_the_index(client: TestClient, gallery: Pa
         assert response.status_code == 404, path
 
 
-def test_info(client: TestClient, index) -> None:
+def test_info(client: TestClient, gallery: Path) -> None:
     response = client.get("/api/info")
     assert response.status_code == 200
     info = response.json()
-    assert info["images"] == 10
+    assert info["images"] == len(indexed(gallery))  # what the module indexed: no test adds to it
     assert info["model"] == "ViT-S-32"
     assert info["server"]["max_results"] == 1000
     assert info["server"]["max_upload_bytes"] == 2 * 1024 * 1024
@@ -389,12 +389,23 @@ def test_clean_path_rules() -> None:
         assert clean_path(bad) is None, bad
 
 
-def test_non_utf8_file_names_round_trip(index, gallery: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def own_index(small_encoder, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """An index of the test's own, for tests that add images (the module's index stays as built)."""
+    from pixfind.api import ImageIndex
+    from pixfind.config import ModelSpec
+
+    with ImageIndex(uri=str(tmp_path / "own.db"), model=ModelSpec("ViT-S-32", None), encoder=small_encoder) as idx:
+        yield idx
+
+
+def test_non_utf8_file_names_round_trip(own_index, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A file name that is not UTF-8 keeps its exact bytes through JSON and the URLs."""
     folder = tmp_path / os.fsdecode(b"odd \xff folder")
     folder.mkdir()
     name = os.fsdecode(b"caf\xe9 'quote' %_.jpg")  # latin-1 byte, quote, like-wildcards
     Image.new("RGB", (80, 60), (10, 200, 90)).save(folder / name, "JPEG")
+    index = own_index
     index.add(str(folder))
     app = create_app(index, tmp_path / "thumbs")
     with TestClient(app) as local:
@@ -469,8 +480,10 @@ def test_concurrent_searches(client: TestClient, gallery: Path) -> None:
     assert results == [(200, 5)] * 32
 
 
-def test_new_images_appear_once_indexed(index, gallery: Path, tmp_path: Path) -> None:
+def test_new_images_appear_once_indexed(own_index, gallery: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Searches running while images are added in the same process: no errors, new ones found."""
+    index = own_index
+    index.add(str(gallery / "garden"))
     folder = tmp_path / "new"
     folder.mkdir()
     image = Image.new("RGB", (120, 90), (250, 250, 0))
