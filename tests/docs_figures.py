@@ -81,23 +81,51 @@ def animated_formats() -> list[str]:
 # -- pixfind serve --------------------------------------------------------------------------------
 
 
-def upload_limit_mb() -> int:
-    """README "limits uploads (20 MB)", docs/web.md "(limit 20 MB)": the same figure."""
-    readme = int(find("README.md", r"limits uploads \((\d+) MB\)")[0])
-    web = int(find("docs/web.md", r"multipart field `file` \(limit (\d+) MB\)")[0])
-    assert readme == web, f"README says {readme} MB, docs/web.md {web} MB"
-    return readme
+def readme_limits() -> dict[str, int]:
+    """The figures of the README's "Limits" table (one set for the CLI, the API and the page)."""
+    rows = {}
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    query = re.fullmatch(r"([\d,]+) characters", rows.get("query text", ""))
+    results = re.fullmatch(r"1 to ([\d,]+)", rows.get("results per query (`-k`, `limit`, `k`)", ""))
+    upload = re.fullmatch(
+        r"(\d+) MiB file; (\d+) megapixels, JPEG (\d+) megapixels \(read from the header, before decoding\)",
+        rows.get("uploaded image (web search by image)", ""),
+    )
+    assert query and results and upload, "the README's Limits table changed shape: update the tests with it"
+    return {
+        "query_chars": int(number(query.group(1))),
+        "results": int(number(results.group(1))),
+        "upload_bytes": int(upload.group(1)) << 20,
+        "upload_pixels": int(upload.group(2)) * 1_000_000,
+        "upload_jpeg_pixels": int(upload.group(3)) * 1_000_000,
+    }
+
+
+def upload_limit_mib() -> int:
+    """README's Limits table "20 MiB file", repeated by docs/web.md "at most 20 MiB"."""
+    mib = readme_limits()["upload_bytes"] >> 20
+    web = int(find("docs/web.md", r"an uploaded image at most (\d+) MiB")[0])
+    assert mib == web, f"README says {mib} MiB, docs/web.md {web} MiB"
+    return mib
 
 
 def max_query_chars() -> int:
-    """docs/web.md: "Query text at most 500 characters"."""
-    return int(find("docs/web.md", r"Query text at most (\d+) characters")[0])
+    """README's Limits table, repeated by docs/web.md "query text at most 1,000 characters"."""
+    chars = readme_limits()["query_chars"]
+    web = int(number(find("docs/web.md", r"query text at most ([\d,]+) characters")[0]))
+    assert chars == web, f"README says {chars}, docs/web.md {web} characters"
+    return chars
 
 
 def k_range() -> tuple[int, int]:
-    """docs/web.md: "`k` out of 1–200"."""
-    low, high = find("docs/web.md", r"`k` out of (\d+)[–-](\d+)")
-    return int(low), int(high)
+    """README's Limits table "1 to 1,000", repeated by docs/web.md "`k` 1 to 1,000"."""
+    high = readme_limits()["results"]
+    low, web = find("docs/web.md", r"`k` (\d+) to ([\d,]+)")
+    assert (int(low), int(number(web))) == (1, high), f"README says 1 to {high}, docs/web.md {low} to {web}"
+    return 1, high
 
 
 def thumbnail_side() -> int:

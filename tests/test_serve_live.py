@@ -185,20 +185,20 @@ def declare_upload(server: ServeProcess, size: int) -> tuple[int, str]:
 
 
 def test_upload_size_is_bounded_as_documented(served: ServeProcess) -> None:
-    """docs/web.md: uploads up to N MB. A file just under N MB (N x 10^6 - 4 KiB, under either
-    reading of "MB") is searched; a request over N MiB is refused with a 413 as soon as its
-    Content-Length is seen."""
-    limit_mb = docs.upload_limit_mb()
-    under = jpeg_of_size(limit_mb * 1_000_000 - 4096)
-    response = served.post("/api/search/image", files={"file": ("q.jpg", under, "image/jpeg")})
+    """README: uploads up to N MiB, the file itself. A file of exactly N MiB is searched; a
+    request declaring far more than N MiB is refused with a 413 as soon as its Content-Length is
+    seen."""
+    limit_mib = docs.upload_limit_mib()
+    exactly = jpeg_of_size(limit_mib << 20)
+    response = served.post("/api/search/image", files={"file": ("q.jpg", exactly, "image/jpeg")})
     assert response.status_code == 200, response.text
-    status, body = declare_upload(served, (limit_mb << 20) + 1)
-    assert status == 413 and f"{limit_mb} MB" in body, (status, body)
+    status, body = declare_upload(served, (limit_mib + 1) << 20)
+    assert status == 413 and f"{limit_mib} MiB" in body, (status, body)
 
 
 def test_an_upload_over_the_limit_sent_whole_gets_its_413(served: ServeProcess) -> None:
-    limit_mb = docs.upload_limit_mb()
-    over = jpeg_of_size((limit_mb << 20) + 1)
+    limit_mib = docs.upload_limit_mib()
+    over = jpeg_of_size((limit_mib << 20) + 1)
 
     def chunked():  # no Content-Length: counted as it arrives
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="q.jpg"\r\n\r\n'
@@ -208,7 +208,7 @@ def test_an_upload_over_the_limit_sent_whole_gets_its_413(served: ServeProcess) 
 
     for _ in range(5):  # the answer is lost to a reset most of the time, not always
         response = served.post("/api/search/image", files={"file": ("q.jpg", over, "image/jpeg")})
-        assert response.status_code == 413 and f"{limit_mb} MB" in response.json()["detail"]
+        assert response.status_code == 413 and f"{limit_mib} MiB" in response.json()["detail"]
         response = served.post(
             "/api/search/image", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=b"}
         )

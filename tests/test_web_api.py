@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 
 try:
-    from web_support import make_gallery, open_test_index, readme_limits
+    from docs_figures import readme_limits
+    from web_support import make_gallery, open_test_index
 except ImportError:  # tests/ is a package
-    from tests.web_support import make_gallery, open_test_index, readme_limits
+    from tests.docs_figures import readme_limits
+    from tests.web_support import make_gallery, open_test_index
 
 from fastapi.testclient import TestClient
 

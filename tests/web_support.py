@@ -154,38 +154,6 @@ def open_test_index(db: Path, folder: Path | None = None):  # -> pixfind.api.Ima
     return index
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def readme_limits() -> dict[str, int]:
-    """The figures of the README's "Limits" table: the oracle for the limits' tests."""
-    import re
-
-    rows = {}
-    for line in README.read_text(encoding="utf-8").splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 2:
-            rows[cells[0]] = cells[1]
-
-    def number(text: str) -> int:
-        return int(text.replace(",", ""))
-
-    query = re.fullmatch(r"([\d,]+) characters", rows["query text"])
-    results = re.fullmatch(r"1 to ([\d,]+)", rows["results per query (`-k`, `limit`, `k`)"])
-    upload = re.fullmatch(
-        r"(\d+) MiB file; (\d+) megapixels, JPEG (\d+) megapixels \(read from the header, before decoding\)",
-        rows["uploaded image (web search by image)"],
-    )
-    assert query and results and upload, "the README's Limits table changed shape"
-    return {
-        "query_chars": number(query.group(1)),
-        "results": number(results.group(1)),
-        "upload_bytes": number(upload.group(1)) * 1024 * 1024,
-        "upload_pixels": number(upload.group(2)) * 1_000_000,
-        "upload_jpeg_pixels": number(upload.group(3)) * 1_000_000,
-    }
-
-
 # -- a live `pixfind serve` ------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
