@@ -185,13 +185,13 @@ def _inside_prune(indexer, reached, action: str) -> None:  # type: ignore[no-unt
 
     real_prune, real_delete = indexer.Indexer._prune, MilvusClient.delete
     pruning = {"on": False, "deleted": 0, "gone": 0}
-    real_is_indexable = indexer.is_indexable
+    real_check = indexer.PresenceCheck.__call__
 
-    def counting_is_indexable(path: str) -> bool:  # how many rows the prune will delete
-        found = real_is_indexable(path)
-        if pruning["on"] and not found:
+    def counting_check(self, path: str):  # type: ignore[no-untyped-def]  # how many rows the prune will delete
+        verdict = real_check(self, path)
+        if pruning["on"] and verdict.presence is indexer.Presence.GONE:
             pruning["gone"] += 1
-        return found
+        return verdict
 
     def prune(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         pruning["on"] = True
@@ -209,7 +209,7 @@ def _inside_prune(indexer, reached, action: str) -> None:  # type: ignore[no-unt
                 _fire(action)
         return result
 
-    indexer.is_indexable = counting_is_indexable
+    indexer.PresenceCheck.__call__ = counting_check
     indexer.Indexer._prune = prune
     MilvusClient.delete = delete
 
