@@ -50,12 +50,22 @@ def about(seconds: float) -> float:
 
 def unreachable_uri_s() -> float:
     """README: "an unreachable URI fails in at most 3 s (TCP probe)"."""
-    return number(find("README.md", r"an unreachable URI fails in at most ([\d.]+) s")[0])
+    return number(find("README.md", r"[Aa]n unreachable URI fails in at most ([\d.]+) s")[0])
+
+
+def not_milvus_s() -> float:
+    """README: "a port that accepts connections but does not answer as Milvus, in at most 4 s"."""
+    return number(find("README.md", r"does not answer as Milvus, in at most ([\d.]+) s")[0])
 
 
 def stopped_server_s() -> float:
-    """README: "a server that stops answering in about 4 s"."""
-    return number(find("README.md", r"a server that stops answering in about ([\d.]+) s")[0])
+    """README: "a server that goes away mid-session, in about 4 s"."""
+    return number(find("README.md", r"a server that goes away mid-session, in about ([\d.]+) s")[0])
+
+
+def stalled_server_s() -> float:
+    """README: "one that stops answering mid-call (connection up, no reply), in at most 10 s"."""
+    return number(find("README.md", r"stops answering mid-call \(connection up, no reply\), in at most ([\d.]+) s")[0])
 
 
 def server_write_limits() -> tuple[int, int]:

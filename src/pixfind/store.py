@@ -78,9 +78,18 @@ LITE_SERVING_MIN_ROWS = 50_000
 ITER_BATCH = 5000
 #: A server must accept a TCP connection within this time, then answer gRPC within CONNECT_TIMEOUT_S.
 REACH_TIMEOUT_S = 3.0
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
 #: Retries of a call to a server that stopped answering (backoff 0.01 s x3 each: ~4 s in all).
 SERVER_RETRIES = 6
+#: Longest one attempt of a call to a server may wait for its answer: a frozen server
+#: (connection up, no reply) fails the call in this time instead of holding it. A float on
+#: purpose: pymilvus gives a float ``timeout`` to gRPC as each attempt's deadline and keeps
+#: counting retries by SERVER_RETRIES, while an int would become the retries' total time too (a
+#: server that went away would then be retried for the whole 10 s instead of ~4).
+SERVER_CALL_TIMEOUT_S = 10.0
+#: The same for the calls that build, load or flush a whole collection (minutes at millions of rows).
+SERVER_BULK_TIMEOUT_S = 900.0
+SERVER_BULK_CALLS = frozenset({"create_collection", "create_index", "load_collection", "flush", "drop_index"})
 #: The ANN index on a server, chosen by measurement (benchmarks/search_latency.py, 100k clustered
 #: 512-d vectors, Milvus 2.3.5 on 2 cores): HNSW M=16 gives recall@10 0.996 at ef 32 and 0.999 at
 #: ef 64, p50 3 ms, ~1,500 q/s in batches; efConstruction 100 builds in 40 s where 200 takes 84 s
@@ -465,13 +474,13 @@ class Store:
             return self._auth_error()
         if self.is_server:
             if "unavailable" in lowered or "fail connecting" in lowered:
-                # Something answered the TCP probe. pymilvus >= 2.6 reports a rejected token as
-                # "server unavailable" (2.4/2.5 say UNAUTHENTICATED).
-                if self.token:
-                    return self._auth_error()
+                # Something accepted the TCP probe but gave no Milvus answer in time: another
+                # program on that port, or (pymilvus >= 2.6 reports it so) a rejected token.
+                token_hint = "--token / PIXFIND_TOKEN" if self.token else "a token (--token / PIXFIND_TOKEN)"
                 return StoreError(
-                    f"cannot connect to Milvus at {self.uri}: it refused the connection; if it "
-                    "requires authentication, pass --token / PIXFIND_TOKEN"
+                    f"cannot connect to Milvus at {self.uri}: something accepts connections there but "
+                    f"gave no Milvus answer within {CONNECT_TIMEOUT_S:g} s; check the port (Milvus "
+                    f"listens on 19530) and {token_hint}"
                 )
             return StoreError(f"cannot connect to Milvus at {self.uri}: {_short(text)}")
         return StoreError(f"cannot open index {self.uri}: {_short(text)}")
@@ -892,6 +901,9 @@ class Store:
         if self.is_server and _retry:
             # pymilvus retries an unavailable server 75 times (3.5 minutes); a few seconds will do
             kwargs.setdefault("retry_times", SERVER_RETRIES)
+        if self.is_server and getattr(func, "__self__", None) is self.client:
+            bulk = getattr(func, "__name__", "") in SERVER_BULK_CALLS
+            kwargs.setdefault("timeout", SERVER_BULK_TIMEOUT_S if bulk else SERVER_CALL_TIMEOUT_S)
         try:
             return func(*args, **kwargs)
         except Exception as exc:
