@@ -114,6 +114,8 @@ def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
     if report.embedded:
         head += f" ({report.images_per_s:.1f} images/s)"
     lines = [("stopped early: " if report.interrupted else "indexed: ") + head]
+    if report.precision:
+        lines.append(f"images embedded in {report.precision} ({report.precision_reason})")
     for path, reason in report.failed[:show_failures]:
         lines.append(f"  skipped {_printable(path)}: {reason}")
     hidden = len(report.failed) - show_failures
