@@ -315,3 +315,20 @@ def test_cli_summary_report_and_info_say_the_precision(make_images, tmp_path, mo
     monkeypatch.setenv("PIXFIND_PRECISION", "f32")
     main(["info", "--uri", uri])
     assert "cpu precision  f32 (precision set to f32)" in capsys.readouterr().out
+
+
+def test_the_setting_reaches_both_encoders(folder, cpu, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ImageIndex(precision=...) (what --precision sets) beats PIXFIND_PRECISION for the index
+    run's encoder and for the query encoder (an image query embeds in the same precision)."""
+    from pixfind import ImageIndex
+
+    cpu(ZEN4)
+    monkeypatch.setenv("PIXFIND_BACKEND", "onnx")
+    monkeypatch.setenv("PIXFIND_PRECISION", "bf16")
+    monkeypatch.setattr(onnx_encoder, "export_dir", lambda spec: folder)
+    with ImageIndex(uri=str(tmp_path / "s.db"), model=SPEC, precision="F32") as idx:
+        assert idx.settings.precision == "f32"
+        assert idx.query_encoder().precision == "f32"  # the torch-free query encoder, loaded first
+        assert isinstance(idx.encoder, OnnxClipEncoder) and idx.encoder.precision == "f32"
+    with ImageIndex(uri=str(tmp_path / "s.db"), model=SPEC) as idx:
+        assert idx.query_encoder().precision == "bf16" and idx.encoder.precision == "bf16"
