@@ -1,4 +1,5 @@
-"""OpenVINO for the exported image tower: the same ``visual.onnx``, ~10% faster than ONNX Runtime.
+"""OpenVINO for the exported image tower: the same ``visual.onnx``, faster than ONNX Runtime
+(~10% in f32; bf16, on CPUs that compute it, is twice as fast as f32).
 
 On this project's 2-core machine OpenVINO's CPU plugin runs ViT-B-32's image tower at 0.85 of the
 fp32 matmul limit where ONNX Runtime reaches 0.78 (``benchmarks/ingest.py``), and 1.4x faster than
@@ -10,13 +11,14 @@ runs skip the ONNX Runtime session. Text queries stay on ONNX Runtime (its sessi
 which is what a cold search needs).
 
 Precision: on CPUs with bf16 arithmetic in hardware (AVX512-BF16: AMD Zen 4/5, Intel Cooper Lake;
-AMX: Intel Sapphire Rapids and later) the model computes in bfloat16, about twice as fast, with
-vectors at cosine >= 0.9999 to f32 ones on real photos; elsewhere in f32. OpenVINO's own default
-is not relied on either way (2026.4 picks bf16 on any AVX-512 CPU, emulated and slow where the
-instructions are missing): :func:`choose_precision` decides and the model is compiled with that
-hint. Each precision is checked against ONNX Runtime's f32 vectors once per export, OpenVINO
-version and CPU (bf16 by the cosine per image, :data:`BF16_MIN_COSINE`), and a bf16 model that
-fails its check is replaced by the f32 one, with one warning saying why.
+AMX: Intel Sapphire Rapids and later) the model computes in bfloat16, with vectors at cosine
+>= 0.9999 to f32 ones on real photos; elsewhere in f32. OpenVINO's own default is not relied on
+either way (2026.4 picks bf16 on this project's AVX512-BF16 machine, and by its source on any
+AVX-512 CPU, emulated and slow where the instructions are missing): :func:`choose_precision`
+decides and the model is compiled with that hint. Each precision is checked against ONNX
+Runtime's f32 vectors once per export, OpenVINO version and CPU (bf16 by the cosine per image,
+:data:`BF16_MIN_COSINE`), and a bf16 model that fails its check is replaced by the f32 one, with
+one warning saying why.
 
 ``PIXFIND_OPENVINO=0`` turns it off; ``PIXFIND_PRECISION=f32|bf16`` forces a precision.
 """
