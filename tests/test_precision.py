@@ -328,7 +328,7 @@ def test_the_setting_reaches_both_encoders(folder, cpu, monkeypatch, tmp_path) -
     monkeypatch.setattr(onnx_encoder, "export_dir", lambda spec: folder)
     with ImageIndex(uri=str(tmp_path / "s.db"), model=SPEC, precision="F32") as idx:
         assert idx.settings.precision == "f32"
-        assert idx.query_encoder().precision == "f32"  # the torch-free query encoder, loaded first
-        assert isinstance(idx.encoder, OnnxClipEncoder) and idx.encoder.precision == "f32"
+        assert idx.query_encoder().precision_setting == "f32"  # the torch-free query encoder, loaded first
+        assert isinstance(idx.encoder, OnnxClipEncoder) and idx.encoder.precision_setting == "f32"
     with ImageIndex(uri=str(tmp_path / "s.db"), model=SPEC) as idx:
-        assert idx.query_encoder().precision == "bf16" and idx.encoder.precision == "bf16"
+        assert idx.query_encoder().precision_setting == "bf16" and idx.encoder.precision_setting == "bf16"

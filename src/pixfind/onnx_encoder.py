@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ModelSpec, cache_dir, cpu_cores, default_precision, inference_threads
+from .config import ModelSpec, cache_dir, cpu_cores, default_precision, inference_threads, precision_from
 from .encoder import _first_line, draft_side_for, normalise_rows  # numpy only: no torch import
 from .errors import ModelLoadError
 from .preprocess import clip_normalisation, normalise, resize_crop
@@ -141,7 +141,7 @@ class OnnxClipEncoder:
         #: What embeds images: "openvino" or "onnxruntime" (None until the first image batch).
         self.image_runtime: str | None = None
         #: The precision setting for images (auto, f32, bf16; None: ``$PIXFIND_PRECISION``).
-        self.precision = precision or default_precision()
+        self.precision_setting = precision_from(precision, "precision") if precision else default_precision()
         #: What the image model computes in ("f32", "bf16", "int8"; None until the first image
         #: batch), and why (the setting, the CPU, or a failed check).
         self.image_precision: str | None = None
@@ -233,7 +233,7 @@ class OnnxClipEncoder:
         if self.openvino is not False:
             from .openvino_visual import choose_precision, load_checked
 
-            choice = choose_precision(self.precision)
+            choice = choose_precision(self.precision_setting)
             runner = load_checked(
                 self.folder,
                 self.image_size,
