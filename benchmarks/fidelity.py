@@ -368,6 +368,9 @@ def search(args: argparse.Namespace, ort, runs, base) -> None:
     texts = base.encode_texts(CAPTIONS[: args.queries])
     image_q = {name: embed(runs[name], held_out, name) for name in index}
     reference_text, reference_image = top_k(f32, texts), top_k(f32, image_q["openvino f32"])
+    for name in ("onnxruntime int8", "openvino int8 nncf"):
+        if name in index:
+            print(f"{count} derived images, {name} vs openvino f32 cosine: {stats((f32 * index[name]).sum(1))}")
     print(f"top-{TOP} overlap with the f32 collection searched with f32 queries ({args.queries} queries each):")
     cases = [
         ("bf16 collection, text queries", top_k(bf16, texts), reference_text),
@@ -380,14 +383,13 @@ def search(args: argparse.Namespace, ort, runs, base) -> None:
     for name in ("onnxruntime int8", "openvino int8 nncf"):
         if name in index:
             int8 = index[name]
-            print(f"{count} derived images, {name} vs openvino f32 cosine: {stats((f32 * int8).sum(1))}")
             cases += [
                 (f"{name} collection, text queries", top_k(int8, texts), reference_text),
                 (f"{name} collection, int8 image queries", top_k(int8, image_q[name]), reference_image),
             ]
     for label, got, want in cases:
         o = overlap(got, want)
-        print(f"  {label:40s} mean {o.mean():.2f}/10  min {o.min()}/10  all 10: {int((o == TOP).sum())}")
+        print(f"  {label:48s} mean {o.mean():.2f}/10  min {o.min()}/10  all 10: {int((o == TOP).sum())}")
     # where the bf16 check's tolerance sits: the collection drifted at random to a given cosine
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(f32.shape).astype(np.float32)
