@@ -1,26 +1,31 @@
 """Indexing speed in one run: machine limit, model only, decode only, end to end, memory.
 
-    PYTHONPATH=src python benchmarks/ingest.py [--photos 300] [--rounds 3] [--torch] [--memory] [--busy]
+    PYTHONPATH=src python benchmarks/ingest.py [--photos 300] [--rounds 3] [--no-torch] [--memory] [--busy]
 
-On the first N real photos of benchmarks/photos.py (copied to a temporary folder), each round
-measures, interleaved so a noisy shared machine hits every figure alike:
+First the machine: CPU model and flags (bf16 and int8 arithmetic), OpenVINO's version, its own
+default precision and capabilities, and the precision pixfind picks (``PIXFIND_PRECISION=auto``).
+Then, on the first N real photos of benchmarks/photos.py (copied to a temporary folder), each
+round measures, interleaved so a noisy shared machine hits every figure alike:
 
 * the fp32 4096^2 matmul GFLOP/s and the images/s limit it implies (ViT-B-32: 8.73 GFLOP/image);
 * model only: images/s of the default CPU encoder (``load_encoder``: the exported towers, images
-  on OpenVINO when installed, default threads, batch 16) on pre-decoded photos; the same OpenVINO
-  model on one stream (how pixfind ran it before); the same export on ONNX Runtime alone [and
-  torch with 2 threads, ``--torch``];
+  on OpenVINO when installed, in the precision pixfind picks, default threads, batch 16) on
+  pre-decoded photos; the same OpenVINO model in f32 and in bf16 (two streams, as pixfind runs
+  them), and in f32 on one stream (how pixfind ran it before); the same export on ONNX Runtime
+  alone; torch fp32 with 2 threads (the reference of the speed targets; ``--no-torch`` skips it);
 * decode only: ``load_image(min_side=draft_side)`` + preprocess, 1 thread;
 * end to end: ``ImageIndex(uri=<fresh Lite file>).add(folder)`` with default settings, in a fresh
-  process as ``pixfind index`` runs: the embed phase rate (``IndexReport.images_per_s``), the
-  steady rate after the first batch (the image session is created on first use, ~0.5 s), the
-  whole-run rate (ImageIndex opened -> add returned: scan, model load, embed, flush) and the
-  process wall time; RSS sampled every 0.1 s (start / peak / end), VmHWM, and the Milvus Lite child's RSS.
+  process as ``pixfind index`` runs (and again with ``PIXFIND_PRECISION=f32``): the embed phase
+  rate (``IndexReport.images_per_s``), the steady rate after the first batch (the image session
+  is created on first use, ~0.5 s), the whole-run rate (ImageIndex opened -> add returned: scan,
+  model load, embed, flush) and the process wall time, with the precision the run reported; RSS
+  sampled every 0.1 s (start / peak / end), VmHWM, and the Milvus Lite child's RSS.
 * with ``--busy``: model only (both OpenVINO runs) and the e2e steady rate again while another
   process spins on one core, as when the machine is shared.
 
-The ONNX export is made (or found) before anything is timed. Prints medians and each round.
-Random weights (``pretrained=None``): the compute is the same as with real ones.
+The ONNX export is made (or found) before anything is timed. Prints medians and each round, and
+ratios of figures from the same rounds. Random weights (``pretrained=None``): the compute is the
+same as with real ones.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +155,8 @@ def child(folder: str, db: str) -> None:
         json.dumps(
             {
                 "embedded": report.embedded,
+                "precision": report.precision,
+                "precision_reason": report.precision_reason,
                 "failed": len(report.failed),
                 "stored": count,
                 "embed_s": report.embed_s,
@@ -174,10 +181,14 @@ def child(folder: str, db: str) -> None:
     )
 
 
-def run_e2e(folder: Path, work: Path, round_no: int) -> dict:
+def run_e2e(folder: Path, work: Path, round_no: int, precision: str | None = None) -> dict:
+    """``precision``: PIXFIND_PRECISION for the run (None: the default, auto)."""
     db = work / f"e2e-{round_no}.db"
     env = dict(os.environ, PYTHONPATH=SRC, PYTHONWARNINGS="ignore", PIXFIND_PRETRAINED="none")
     env.pop("PIXFIND_BACKEND", None)
+    env.pop("PIXFIND_PRECISION", None)
+    if precision:
+        env["PIXFIND_PRECISION"] = precision
     t = time.perf_counter()
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(folder), str(db)], env=env, capture_output=True, text=True
@@ -214,6 +225,29 @@ def busy_process() -> Iterator[None]:
         hog.wait()
 
 
+def machine() -> str:
+    """The CPU and what pixfind and OpenVINO make of it: the figures depend on all three."""
+    from pixfind.openvino_visual import choose_precision, cpu_description, cpu_flags, precision_name, version
+
+    flags = cpu_flags()
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_fp16")
+    lines = [
+        f"CPU: {cpu_description()}, {os.cpu_count()} CPUs, this process may use {len(os.sched_getaffinity(0))}",
+        f"CPU flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ' '.join(wanted)}",
+    ]
+    ov = version()
+    if ov:
+        import openvino
+
+        core = openvino.Core()
+        default = precision_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        lines.append(f"OpenVINO {ov}: its own default precision {default}, capabilities {' '.join(capabilities)}")
+    choice = choose_precision("auto")
+    lines.append(f"pixfind PIXFIND_PRECISION=auto -> {choice.precision} ({choice.reason})")
+    return "\n".join(lines)
+
+
 def fmt(values: list[float], digits: int = 1) -> str:
     return ", ".join(f"{v:.{digits}f}" for v in values)
 
@@ -224,7 +258,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=4.0, help="per model-only measurement")
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--torch", action="store_true", help="also model-only torch (reference)")
+    parser.add_argument("--no-torch", action="store_true", help="skip model-only torch fp32 (the targets' reference)")
     parser.add_argument("--memory", action="store_true", help="print the RSS trace of each e2e run")
     parser.add_argument(
         "--busy", action="store_true", help="also model only and e2e beside a busy process (one core spinning)"
@@ -244,6 +278,8 @@ def main() -> None:
     from pixfind.onnx_encoder import OnnxClipEncoder, load_encoder
 
     os.environ["PIXFIND_PRETRAINED"] = "none"
+    os.environ.pop("PIXFIND_PRECISION", None)
+    print(machine())
     spec = ModelSpec(args.model, None)
     t = time.perf_counter()
     encoder = load_encoder(spec, backend="onnx")  # exports once (torch) if not cached
@@ -274,28 +310,35 @@ def main() -> None:
     pixels = np.stack([load(str(f)) for f in files[:BATCH]])
     encoder.encode_images(pixels)  # picks the image runtime (OpenVINO's check runs once per export)
     ort_only = OnnxClipEncoder(encoder.folder, threads=encoder.threads, openvino=False)
-    print(f"default image runtime: {encoder.image_runtime}")
-    one_stream = None
-    if encoder.image_runtime == "openvino":  # the same model on one stream (pixfind before 2026-11-28)
+    print(f"default image runtime: {encoder.image_runtime}, {encoder.image_precision} ({encoder.precision_reason})")
+    openvino_runs: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    if encoder.image_runtime == "openvino":  # the same model in each precision, and on one stream (before 2026-11-28)
         from pixfind.encoder import normalise_rows
         from pixfind.openvino_visual import OpenVinoVisual
 
-        single = OpenVinoVisual(encoder.folder / "visual.onnx", encoder.threads, encoder._mean, encoder._std, streams=1)
-
-        def one_stream(batch: np.ndarray) -> np.ndarray:
-            return normalise_rows(single.run(batch))
+        for name, precision, streams in (("f32", "f32", None), ("bf16", "bf16", None), ("f32 1 stream", "f32", 1)):
+            model = OpenVinoVisual(
+                encoder.folder / "visual.onnx", encoder.threads, encoder._mean, encoder._std, streams, precision
+            )
+            print(f"openvino {name}: compiled {model.precision}, {model.streams} stream(s)")
+            openvino_runs[name] = lambda batch, model=model: normalise_rows(model.run(batch))
+    one_stream = openvino_runs.get("f32 1 stream")
 
     tenc = None
-    if args.torch:
+    if not args.no_torch:
         import torch
 
         from pixfind.encoder import ClipEncoder
+        from pixfind.preprocess import normalise
 
         torch.set_num_threads(2)
         tenc = ClipEncoder(spec, "cpu")
+        # torch's CPU model takes its transform's float32 output: the same photos, normalised beforehand
+        torch_pixels = normalise(pixels, encoder._mean, encoder._std)
 
     results: dict[str, list[float]] = {}
     e2e_runs: list[dict] = []
+    precisions: set[str] = set()
     loads: list[float] = []
 
     def add(key: str, value: float) -> None:
@@ -307,11 +350,11 @@ def main() -> None:
         add("matmul GFLOP/s", gf)
         add("limit images/s", gf / VIT_B_32_GFLOP)
         add("model only: default b16", rate(encoder.encode_images, pixels, args.seconds))
-        if one_stream is not None:
-            add("model only: openvino 1 stream b16", rate(one_stream, pixels, args.seconds))
+        for name, run in openvino_runs.items():
+            add(f"model only: openvino {name} b16", rate(run, pixels, args.seconds))
         add("model only: onnxruntime b16", rate(ort_only.encode_images, pixels, args.seconds))
         if tenc is not None:
-            add("model only: torch 2thr b16", rate(tenc.encode_images, pixels, args.seconds))
+            add("model only: torch 2thr b16", rate(tenc.encode_images, torch_pixels, args.seconds))
         add("decode only: 1 thread", pipeline(files, load, None, None, 0))
         if args.busy:
             with busy_process():
@@ -326,6 +369,12 @@ def main() -> None:
         add("e2e: steady (after 1st batch)", e2e["steady_per_s"])
         add("e2e: whole run (open -> add done)", e2e["embedded"] / e2e["whole_s"])
         add("e2e: process wall (incl. imports)", e2e["embedded"] / e2e["process_wall_s"])
+        precisions.add(f"{e2e['precision']} ({e2e['precision_reason']})")
+        if openvino_runs:  # the same run forced to f32: what the default gains
+            f32 = checked(run_e2e(folder, work, r, "f32"), len(files))
+            add("e2e f32: embed phase", f32["embedded"] / f32["embed_s"])
+            add("e2e f32: steady (after 1st batch)", f32["steady_per_s"])
+            add("e2e f32: process wall (incl. imports)", f32["embedded"] / f32["process_wall_s"])
         print(
             f"round {r + 1}/{args.rounds}: "
             + "; ".join(f"{k} {v[-1]:.1f}" for k, v in results.items())
@@ -340,6 +389,7 @@ def main() -> None:
         f"\n{len(files)} photos, batch {BATCH}, {args.model} random weights, {args.rounds} interleaved rounds; "
         f"load average (1 min) at round starts and end: {fmt(loads)}; {os.cpu_count()} CPUs"
     )
+    print(f"default e2e runs embedded images in: {'; '.join(sorted(precisions))}")
     print(f"{'measure':40s} {'median':>8s}  rounds")
     for key, values in results.items():
         print(f"{key:40s} {med[key]:8.1f}  {fmt(values)}")
@@ -353,7 +403,16 @@ def main() -> None:
     pairs = [
         ("model only: default b16", "limit images/s", "model-only / limit"),
         ("model only: onnxruntime b16", "limit images/s", "onnxruntime alone / limit"),
-        ("model only: default b16", "model only: openvino 1 stream b16", "default / openvino 1 stream"),
+        ("model only: openvino bf16 b16", "model only: openvino f32 b16", "openvino bf16 / f32"),
+        ("model only: default b16", "model only: openvino f32 b16", "default / openvino f32"),
+        ("model only: default b16", "model only: torch 2thr b16", "default / torch fp32 model-only"),
+        ("e2e: steady (after 1st batch)", "model only: torch 2thr b16", "e2e steady / torch fp32 model"),
+        ("e2e: embed phase", "model only: torch 2thr b16", "e2e embed / torch fp32 model"),
+        ("e2e: process wall (incl. imports)", "model only: torch 2thr b16", "e2e process / torch fp32 model"),
+        ("e2e: steady (after 1st batch)", "e2e f32: steady (after 1st batch)", "e2e steady / e2e f32 steady"),
+        ("e2e: embed phase", "e2e f32: embed phase", "e2e embed / e2e f32 embed"),
+        ("e2e f32: steady (after 1st batch)", "model only: openvino f32 b16", "e2e f32 steady / openvino f32"),
+        ("model only: default b16", "model only: openvino f32 1 stream b16", "default / openvino f32 1 stream"),
         ("busy: model only: default b16", "busy: model only: openvino 1 stream", "busy: default / 1 stream"),
         ("e2e: embed phase", "model only: default b16", "e2e embed / model-only"),
         ("e2e: steady (after 1st batch)", "model only: default b16", "e2e steady / model-only"),
@@ -361,13 +420,11 @@ def main() -> None:
         ("e2e: process wall (incl. imports)", "model only: default b16", "e2e process wall / model-only"),
         ("decode only: 1 thread", "model only: default b16", "decode-only / model-only"),
     ]
-    if tenc is not None:
-        pairs.append(("model only: default b16", "model only: torch 2thr b16", "default / torch model-only"))
     for a, b, label in pairs:
         if a not in results or b not in results:
             continue
         per_round, of_medians = ratio(a, b)
-        print(f"  {label:32s} {per_round:5.2f}   {of_medians:5.2f}")
+        print(f"  {label:34s} {per_round:5.2f}   {of_medians:5.2f}")
     # 2 cores: the model uses both at rate M (2/M core-s per image), decode 1/D core-s per image
     cores = cpu_cores()
     m, d = med["model only: default b16"], med["decode only: 1 thread"]

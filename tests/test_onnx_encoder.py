@@ -62,6 +62,19 @@ def _use_module_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIXFIND_CACHE_DIR", str(cache))
 
 
+def _f32_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check f32 parity: a CPU without bf16 arithmetic, whatever runs them (bf16 is
+    tested in test_precision.py)."""
+    monkeypatch.delenv("PIXFIND_PRECISION", raising=False)
+    monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
+    monkeypatch.setattr(openvino_visual, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+
+
+@pytest.fixture(autouse=True)
+def _f32_cpu_for_every_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    _f32_cpu(monkeypatch)
+
+
 @pytest.fixture(scope="module")
 def torch_encoder(cache: Path, request: pytest.FixtureRequest) -> ClipEncoder:
     try:  # the suite's shared ViT-S-32, when conftest provides it
@@ -295,7 +308,7 @@ def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_reco
     assert ov._run_visual.__self__.streams == 2
     assert "visual" not in ov._sessions  # the check's ONNX Runtime session is not kept
     record = json.loads(fresh_record.read_text())
-    assert record["ok"] and record["openvino"] == openvino_visual.version()
+    assert record["checks"]["f32"]["ok"] and record["openvino"] == openvino_visual.version()
 
     # checked once: the next encoder trusts the record and never builds an ONNX Runtime session
     again = OnnxClipEncoder(onnx.folder, threads=1)
@@ -336,10 +349,10 @@ def test_openvino_mismatch_is_recorded_and_not_used(onnx, torch_encoder, fresh_r
     with caplog.at_level("WARNING"):
         first.encode_images(pixels)
     assert first.image_runtime == "onnxruntime" and "differs from ONNX Runtime" in caplog.text
-    assert json.loads(fresh_record.read_text())["ok"] is False
+    assert json.loads(fresh_record.read_text())["checks"]["f32"]["ok"] is False
 
     # not retried for this OpenVINO version and export: no compile at all
-    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", lambda *a: pytest.fail("compiled again"))
+    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", lambda *a, **k: pytest.fail("compiled again"))
     second = OnnxClipEncoder(onnx.folder, threads=1)
     assert np.abs(second.encode_images(pixels) - torch_encoder.encode_images(pixels)).max() < 1e-4
     assert second.image_runtime == "onnxruntime"
@@ -348,10 +361,10 @@ def test_openvino_mismatch_is_recorded_and_not_used(onnx, torch_encoder, fresh_r
     record = json.loads(fresh_record.read_text())
     fresh_record.write_text(json.dumps({**record, "model": [1, 2]}))
     monkeypatch.undo()
-    monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
+    _f32_cpu(monkeypatch)
     third = OnnxClipEncoder(onnx.folder, threads=1)
     third.encode_images(pixels)
-    assert third.image_runtime == "openvino" and json.loads(fresh_record.read_text())["ok"] is True
+    assert third.image_runtime == "openvino" and json.loads(fresh_record.read_text())["checks"]["f32"]["ok"] is True
 
 
 def test_openvino_compile_failure_falls_back(onnx, torch_encoder, fresh_record, monkeypatch, caplog) -> None:
@@ -368,7 +381,7 @@ def test_openvino_compile_failure_falls_back(onnx, torch_encoder, fresh_record, 
         vectors = encoder.encode_images(pixels)
     assert encoder.image_runtime == "onnxruntime" and "simulated plugin failure" in caplog.text
     assert np.abs(vectors - torch_encoder.encode_images(pixels)).max() < 1e-4
-    assert "compile" in json.loads(fresh_record.read_text())["reason"]
+    assert "compile" in json.loads(fresh_record.read_text())["checks"]["f32"]["reason"]
 
 
 def test_cuda_asked_for_is_refused_on_the_torch_free_query_path(onnx, index_factory, lite_uri, make_images, tmp_path):  # type: ignore[no-untyped-def]

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ModelSpec, Settings
+from .config import ModelSpec, Settings, precision_from
 from .errors import PixfindError
 from .pathkeys import key_of
 from .store import Store, check_same_model
@@ -53,7 +53,10 @@ class ImageIndex:
         settings: Settings | None = None,
         create: bool = True,
         encoder: Encoder | None = None,
+        precision: str | None = None,
     ) -> None:
+        """``precision``: what the CPU image model computes in, auto, f32 or bf16 (default
+        ``$PIXFIND_PRECISION`` or auto: bf16 where the CPU has bf16 arithmetic)."""
         base = settings or Settings.from_env()
         spec = _spec_from_args(model, pretrained, checkpoint, base.model)
         self.settings = replace(
@@ -63,6 +66,7 @@ class ImageIndex:
             collection=collection or base.collection,
             model=spec,
             device=device or base.device,
+            precision=precision_from(precision, "precision") if precision else base.precision,
         )
         self.store = Store(
             self.settings.uri,
@@ -105,7 +109,10 @@ class ImageIndex:
             if self._encoder is None:
                 from .onnx_encoder import load_encoder
 
-                self._encoder = load_encoder(self.model_spec(), device=self.settings.device, status=status)
+                spec = self.model_spec()
+                self._encoder = load_encoder(
+                    spec, device=self.settings.device, status=status, precision=self.settings.precision
+                )
             info = self.store.info()
             if info is not None:
                 check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
@@ -122,7 +129,7 @@ class ImageIndex:
             from .textquery import load_text_encoder
 
             check_device(self.settings.device)  # the ONNX text tower runs on the CPU: refuse as indexing does
-            self._query_encoder = load_text_encoder(self.model_spec())
+            self._query_encoder = load_text_encoder(self.model_spec(), precision=self.settings.precision)
         return self._query_encoder if self._query_encoder is not None else self.encoder
 
     def _query_encoder_soon(self) -> Callable[[], Encoder]:
@@ -138,7 +145,7 @@ class ImageIndex:
         spec = self.model_spec()  # a model mismatch fails here, in the caller's thread
         check_device(self.settings.device)  # and a device this machine lacks
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixfind-query-encoder")
-        loading = pool.submit(load_text_encoder, spec)
+        loading = pool.submit(load_text_encoder, spec, precision=self.settings.precision)
         pool.shutdown(wait=False)
 
         def ready() -> Encoder:
@@ -181,6 +188,8 @@ class ImageIndex:
             stop=stop,
         )
         report = indexer.run([str(f) for f in folders])
+        if report.embedded and self._encoder is not None:
+            report.precision, report.precision_reason = _precision_of(self._encoder)
         if not self._optimized:
             self.store.restore_index()  # an IVF index left by a killed `pixfind serve`
         return report
@@ -244,7 +253,15 @@ class ImageIndex:
             data.update(model=info.model.name, weights=info.model.weights, dim=info.dim, schema=info.schema)
         if not self.store.is_server:
             data["size_bytes"] = _disk_size(self.store.uri)
+        data["cpu_precision"] = self._cpu_precision(info.model if info is not None else None)
         return data
+
+    def _cpu_precision(self, spec: ModelSpec | None) -> dict[str, str]:
+        """What an index run on this machine's CPU would embed images in, and why (no model loaded)."""
+        from .onnx_encoder import planned_image_precision
+
+        precision, reason = planned_image_precision(spec or self.settings.model or ModelSpec(), self.settings.precision)
+        return {"precision": precision, "reason": reason}
 
     def drop(self) -> None:
         self.store.drop()
@@ -309,6 +326,14 @@ def _spec_from_args(
         else (base.pretrained if env is not None else DEFAULT_PRETRAINED)
     )
     return ModelSpec(name=name, pretrained=tag)
+
+
+def _precision_of(encoder: Encoder) -> tuple[str | None, str]:
+    """What ``encoder``'s image model computed in, and why, with the runtime named."""
+    precision = getattr(encoder, "image_precision", None)
+    reason = getattr(encoder, "precision_reason", "")
+    runtime = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}.get(getattr(encoder, "image_runtime", None) or "")
+    return precision, f"{runtime}; {reason}" if runtime and reason else runtime or reason
 
 
 def _disk_size(uri: str) -> int:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .config import Settings
+from .config import Settings, precision_from
 from .errors import PixfindError
 from .limits import DEFAULT_RESULTS, MAX_RESULTS
 
@@ -141,6 +141,14 @@ def index(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model call.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads.")] = None,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Decode JPEGs at full size (slower, exact).")] = False,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            "--precision",
+            help="CPU image model: auto (bf16 where the CPU has bf16 arithmetic, else f32), f32 or bf16. "
+            "Env: PIXFIND_PRECISION.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     report: Annotated[
         Path | None, typer.Option("--report", help="Write the run's summary and every failure as JSON.")
@@ -163,6 +171,7 @@ def index(
         batch_size=batch_size,
         workers=workers,
         draft=False if no_draft else None,
+        precision=precision_from(precision) if precision is not None else None,
     ) as idx:
         progress = RichProgress(disable=quiet or not err.is_terminal)
         # from here a Ctrl-C (also during the scan or the model load) stops after the current
@@ -504,6 +513,7 @@ def info(
         rows.append(("images", "0 (not created yet: run pixfind index FOLDER)"))
     if "size_bytes" in data:
         rows.append(("size on disk", _human_bytes(data["size_bytes"])))
+    rows.append(("cpu precision", "{precision} ({reason})".format(**data["cpu_precision"])))
     from .render import printable
 
     for name, value in rows:

@@ -28,6 +28,11 @@ ENV_DEVICE = "PIXFIND_DEVICE"
 ENV_CACHE = "PIXFIND_CACHE_DIR"
 ENV_DATA = "PIXFIND_DATA_DIR"
 ENV_SEARCH_EF = "PIXFIND_SEARCH_EF"
+ENV_PRECISION = "PIXFIND_PRECISION"
+
+#: What the CPU image model computes in: ``auto`` (bf16 where the CPU has bf16 arithmetic in
+#: hardware, else f32), or ``f32`` / ``bf16`` forced (see pixfind.openvino_visual).
+PRECISIONS = ("auto", "f32", "bf16")
 
 #: Default search effort on a Milvus server (HNSW ``ef``): recall@10 >= 0.98 on clustered
 #: CLIP-like vectors (see benchmarks/search_latency.py). Embedded Lite searches exactly.
@@ -88,6 +93,22 @@ def default_search_ef() -> int:
     """``$PIXFIND_SEARCH_EF`` or :data:`DEFAULT_SEARCH_EF`."""
     value = _env(ENV_SEARCH_EF)
     return DEFAULT_SEARCH_EF if value is None else search_ef_from(value, ENV_SEARCH_EF)
+
+
+def precision_from(value: object, source: str = "--precision") -> str:
+    """A validated precision setting: one of :data:`PRECISIONS` (case and spaces ignored)."""
+    text = str(value).strip().lower()
+    if text not in PRECISIONS:
+        from .errors import PixfindError
+
+        raise PixfindError(f"{source} must be one of {', '.join(PRECISIONS)}, not {value!r}")
+    return text
+
+
+def default_precision() -> str:
+    """``$PIXFIND_PRECISION`` or ``auto``."""
+    value = _env(ENV_PRECISION)
+    return "auto" if value is None else precision_from(value, ENV_PRECISION)
 
 
 def cpu_cores() -> int:
@@ -155,6 +176,7 @@ class Settings:
     workers: int | None = None  # decode threads; None: pick from the CPU count
     draft: bool = True  # reduced-size JPEG decoding
     search_ef: int | None = None  # server search effort (HNSW ef); None: $PIXFIND_SEARCH_EF or default
+    precision: str = "auto"  # CPU image model: auto, f32 or bf16 (see PRECISIONS)
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -173,5 +195,6 @@ class Settings:
             model=model,
             device=_env(ENV_DEVICE) or "auto",
             search_ef=default_search_ef() if _env(ENV_SEARCH_EF) else None,
+            precision=default_precision(),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -126,6 +126,15 @@ class ClipEncoder:
         return draft_side_for(self.image_size)
 
     @property
+    def image_precision(self) -> str:
+        """What the model computes in: fp16 on CUDA, f32 on the CPU (torch ignores ``PIXFIND_PRECISION``)."""
+        return "fp16" if self.half else "f32"
+
+    @property
+    def precision_reason(self) -> str:
+        return f"torch on {self.device}"
+
+    @property
     def fills_cpu(self) -> bool:
         """Inference keeps every core busy (on the CPU, a torch thread per core)."""
         return self.device == "cpu" and self._torch.get_num_threads() >= cpu_cores()

@@ -114,6 +114,8 @@ class IndexReport:
     elapsed_s: float = 0.0
     embed_s: float = 0.0
     interrupted: bool = False
+    precision: str | None = None  # what the image model computed in (f32, bf16, ...), when it ran
+    precision_reason: str = ""
 
     @property
     def images_per_s(self) -> float:
@@ -139,6 +141,8 @@ class IndexReport:
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
             "interrupted": self.interrupted,
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
         }
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
+from .config import ModelSpec, cache_dir, cpu_cores, default_precision, inference_threads, precision_from
 from .encoder import _first_line, draft_side_for, normalise_rows  # numpy only: no torch import
 from .errors import ModelLoadError
 from .preprocess import clip_normalisation, normalise, resize_crop
@@ -120,6 +120,7 @@ class OnnxClipEncoder:
         spinning: bool | None = None,
         openvino: bool | None = None,
         image_streams: int | None = None,
+        precision: str | None = None,
     ) -> None:
         self.folder = Path(folder)
         meta = json.loads((self.folder / META).read_text())
@@ -145,6 +146,12 @@ class OnnxClipEncoder:
         self._pick_lock = threading.Lock()
         #: What embeds images: "openvino" or "onnxruntime" (None until the first image batch).
         self.image_runtime: str | None = None
+        #: The precision setting for images (auto, f32, bf16; None: ``$PIXFIND_PRECISION``).
+        self.precision_setting = precision_from(precision, "precision") if precision else default_precision()
+        #: What the image model computes in ("f32", "bf16", "int8"; None until the first image
+        #: batch), and why (the setting, the CPU, or a failed check).
+        self.image_precision: str | None = None
+        self.precision_reason = ""
         self._tokenizer: Any = None
         #: Inference keeps every core busy: decoding beside it only slows both (the indexer then
         #: decodes between batches instead).
@@ -223,10 +230,16 @@ class OnnxClipEncoder:
 
     def _pick_image_runtime(self) -> Any:
         """OpenVINO when it is installed and matches ONNX Runtime (see :mod:`pixfind.openvino_visual`),
-        else ONNX Runtime. int8 stays on ONNX Runtime, which quantised it."""
-        if not self.int8 and self.openvino is not False:
-            from .openvino_visual import load_checked
+        in bf16 where :func:`~pixfind.openvino_visual.choose_precision` says so, else ONNX Runtime
+        (f32). int8 stays on ONNX Runtime, which quantised it."""
+        if self.int8:
+            self.image_runtime, self.image_precision, self.precision_reason = "onnxruntime", "int8", "int8=True"
+            return self._run_visual_ort
+        reason = "OpenVINO is off or not installed: ONNX Runtime computes f32"
+        if self.openvino is not False:
+            from .openvino_visual import choose_precision, load_checked
 
+            choice = choose_precision(self.precision_setting)
             runner = load_checked(
                 self.folder,
                 self.image_size,
@@ -235,12 +248,14 @@ class OnnxClipEncoder:
                 self._run_visual_ort,
                 even_if_disabled=bool(self.openvino),
                 streams=self.image_streams,
+                precision=choice.precision,
             )
             self._sessions.pop("visual", None)  # the check's ONNX Runtime session: ~350 MB freed
             if runner is not None:
-                self.image_runtime = "openvino"
+                self.image_runtime, self.image_precision = "openvino", runner.precision
+                self.precision_reason = runner.fallback or choice.reason
                 return runner.run
-        self.image_runtime = "onnxruntime"
+        self.image_runtime, self.image_precision, self.precision_reason = "onnxruntime", "f32", reason
         return self._run_visual_ort
 
     # -- text -------------------------------------------------------------------------------
@@ -285,10 +300,13 @@ def load_encoder(
     threads: int | None = None,
     int8: bool = False,
     status: Callable[[str], None] | None = None,
+    precision: str | None = None,
 ) -> ClipEncoder | OnnxClipEncoder:
     """The encoder to use: ``backend`` "onnx", "torch" or "auto"/None (``$PIXFIND_BACKEND``,
     default auto: ONNX Runtime on CPU when the export works, torch on CUDA or as fallback).
-    ``status`` hears what takes the time, for a progress display."""
+    ``status`` hears what takes the time, for a progress display. ``precision``: the exported
+    image tower's setting (auto, f32, bf16; None: ``$PIXFIND_PRECISION``); torch ignores it (f32
+    on the CPU, fp16 on CUDA)."""
     from .encoder import check_device
 
     say = status or _silent
@@ -299,7 +317,7 @@ def load_encoder(
     if backend == "auto" and (device not in ("auto", "cpu") or (device == "auto" and _gpu_present())):
         backend = "torch"
     if backend != "torch":
-        encoder = OnnxClipEncoder.open(spec, threads=threads, int8=int8)
+        encoder = OnnxClipEncoder.open(spec, threads=threads, int8=int8, precision=precision)
         if encoder is not None:
             return encoder
         try:
@@ -325,7 +343,7 @@ def load_encoder(
         say(preparing)  # again, after any download
         try:
             folder = export(torch_encoder)
-            return OnnxClipEncoder(folder, threads=threads, int8=int8)
+            return OnnxClipEncoder(folder, threads=threads, int8=int8, precision=precision)
         except Exception as exc:  # any export failure means: use torch
             failure = _failure_text(exc)
             _record_failure(spec, failure)
@@ -338,6 +356,24 @@ def load_encoder(
 
 def _silent(text: str) -> None:
     pass
+
+
+def planned_image_precision(spec: ModelSpec, setting: str) -> tuple[str, str]:
+    """What an index run on this machine's CPU would embed images in, and why, without loading
+    anything (for ``pixfind info``): the precision setting and CPU (see
+    :func:`~pixfind.openvino_visual.choose_precision`), unless the torch backend is forced, OpenVINO
+    is off or missing, or bf16 failed its check for this model's export before."""
+    from . import openvino_visual
+
+    if (os.environ.get("PIXFIND_BACKEND") or "").strip().lower() == "torch":
+        return "f32", "PIXFIND_BACKEND=torch"
+    if not openvino_visual.enabled() or openvino_visual.version() is None:
+        return "f32", "OpenVINO is off or not installed: ONNX Runtime computes f32"
+    choice = openvino_visual.choose_precision(setting)
+    failure = openvino_visual.recorded_failure(export_dir(spec), choice.precision)
+    if choice.precision == "bf16" and failure:
+        return "f32", f"bf16 failed its check: {failure}"
+    return choice.precision, choice.reason
 
 
 def _failure_text(exc: BaseException) -> str:

@@ -166,6 +166,8 @@ def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
     if report.embedded:
         head += f" ({report.images_per_s:.1f} images/s)"
     lines = [("stopped early: " if report.interrupted else "indexed: ") + head]
+    if report.precision:
+        lines.append(f"images embedded in {report.precision} ({report.precision_reason})")
     for path, reason in list(report.unreadable.items())[:show_failures]:
         kept = report.kept.get(path, 0)
         note = f" ({kept:,} indexed image{'s' * (kept != 1)} kept)" if kept else ""

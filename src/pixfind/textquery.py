@@ -24,13 +24,16 @@ if TYPE_CHECKING:
     from .onnx_encoder import OnnxClipEncoder
 
 
-def load_text_encoder(spec: ModelSpec, threads: int | None = None) -> OnnxClipEncoder | None:
+def load_text_encoder(
+    spec: ModelSpec, threads: int | None = None, precision: str | None = None
+) -> OnnxClipEncoder | None:
     """The torch-free text encoder for ``spec``, or None when the export cache lacks it (or its
     tokenizer is not the plain CLIP BPE one, or onnxruntime is missing). Never exports.
 
     The returned object is an :class:`~pixfind.onnx_encoder.OnnxClipEncoder`: ``encode_texts``,
     ``tokenize``, ``dim``, ``spec``; its image tower is only loaded if ``encode_images`` is used.
-    The text session is created here, so the first query pays no set-up cost.
+    The text session is created here, so the first query pays no set-up cost. ``precision``: the
+    image tower's (auto, f32, bf16; None: ``$PIXFIND_PRECISION``); text is always f32.
     """
     from .onnx_encoder import OnnxClipEncoder
 
@@ -39,7 +42,7 @@ def load_text_encoder(spec: ModelSpec, threads: int | None = None) -> OnnxClipEn
     except ImportError:
         return None
     # queries embed one image at a time: one OpenVINO stream, every thread on it
-    encoder = OnnxClipEncoder.open(spec, threads=threads, spinning=False, image_streams=1)
+    encoder = OnnxClipEncoder.open(spec, threads=threads, spinning=False, image_streams=1, precision=precision)
     if encoder is None or not encoder.meta.get("tokenizer"):
         return None
     encoder.session("text")
