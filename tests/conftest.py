@@ -70,12 +70,15 @@ def onnx_cache(small_encoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cli_env(onnx_cache: Path | None = None, **extra: str) -> dict[str, str]:
     """Environment of a ``pixfind`` child process: this checkout first on its path; with
-    ``onnx_cache``, the default backend (``PIXFIND_BACKEND`` unset) on that export."""
+    ``onnx_cache``, the default backend (``PIXFIND_BACKEND`` unset) on that export, its images in
+    f32 unless ``extra`` says otherwise: the exact oracle bound then holds on every CPU (a CPU with
+    bf16 arithmetic would pick bf16; tests of that pass ``PIXFIND_PRECISION="auto"``)."""
     env = {**os.environ, "PIXFIND_THREADS": "1", "PYTHONFAULTHANDLER": "1", **extra}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
     if onnx_cache is not None:
         env.pop("PIXFIND_BACKEND", None)
         env["PIXFIND_CACHE_DIR"] = str(onnx_cache)
+        env.setdefault("PIXFIND_PRECISION", "f32")
     return env
 
 

@@ -110,10 +110,11 @@ def test_default_vit_b_32_end_to_end_in_a_fresh_process(make_images, tmp_path: P
     assert "3 new" in indexed.stderr
     exports = list((Path(env["PIXFIND_CACHE_DIR"]) / "onnx").glob("ViT-B-32-*/meta.json"))
     assert len(exports) == 1, indexed.stderr
-    from oracle import check_index, image_files
+    from oracle import check_index, image_files, reported_precision
 
     db = str(Path(env["PIXFIND_DATA_DIR"]) / "pixfind.db")
-    check_index(db, image_files(tmp_path / "photos"), model="ViT-B-32")  # open_clip's own vectors
+    precision = reported_precision(indexed.stderr)  # bf16 on a CPU that computes it, else f32
+    check_index(db, image_files(tmp_path / "photos"), model="ViT-B-32", precision=precision)  # open_clip's own
 
     probe = (
         "import sys, json; from pixfind.cli import main; code = main(sys.argv[1:]); "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SMALL_MODEL, Backend, cli_env, draw_photo
-from oracle import check_index, image_files
+from oracle import check_index, image_files, reported_precision
 from PIL import Image
 
 FINGERPRINT_SPAN = 2 * 64 * 1024  # README/scanner: a move is recognised by size + first and last 64 KiB
@@ -147,10 +147,12 @@ def test_default_backend_through_the_cli_stores_each_files_vector(
     good = interleaved_library(folder)
     write_large(folder, 50, "large.png")
     draw_photo(51, (1400, 1000)).save(folder / "draft.jpg", quality=90)  # decoded at reduced size
-    env = cli_env(onnx_cache)
-    run_cli(env, "index", str(folder), *target_args(backend), "--workers", "2", "--batch-size", "4")
+    env = cli_env(onnx_cache, PIXFIND_PRECISION="auto")  # as a user runs it: bf16 where the CPU computes it
+    first = run_cli(env, "index", str(folder), *target_args(backend), "--workers", "2", "--batch-size", "4")
+    precision = reported_precision(first.stderr)
     expected = [*map(str, good), str(folder / "large.png"), str(folder / "draft.jpg")]
-    check_index(backend.uri, expected, model=SMALL_MODEL, token=backend.token, collection=backend.collection)
+    where = {"token": backend.token, "collection": backend.collection, "precision": precision}
+    check_index(backend.uri, expected, model=SMALL_MODEL, **where)
 
     draw_photo(777, (200, 150)).save(good[0])  # same name, new picture
     os.utime(good[0], ns=(1, 2_000_000_000))  # even with an older mtime
@@ -160,7 +162,7 @@ def test_default_backend_through_the_cli_stores_each_files_vector(
     second = run_cli(env, "index", str(folder), *target_args(backend))
     assert "1 updated" in second.stderr and "1 moved" in second.stderr, second.stderr
     expected = [p for p in expected if Path(p).exists()] + [str(folder / "renamed.png"), str(folder / "new.jpg")]
-    check_index(backend.uri, expected, model=SMALL_MODEL, token=backend.token, collection=backend.collection)
+    check_index(backend.uri, expected, model=SMALL_MODEL, **where)
 
 
 def test_the_oracle_sees_a_wrong_or_stale_vector(index_factory, tmp_path: Path) -> None:
