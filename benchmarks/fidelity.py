@@ -106,12 +106,12 @@ def stats(cosines: np.ndarray) -> str:
 
 
 def embed(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, label: str) -> np.ndarray:
-    from pixfind.encoder import normalise_rows
+    from pixfind.vectors import unit_rows
 
     out = []
     start = time.perf_counter()
     for i in range(0, len(pixels), BATCH):
-        out.append(normalise_rows(run(np.ascontiguousarray(pixels[i : i + BATCH]))))
+        out.append(unit_rows(run(np.ascontiguousarray(pixels[i : i + BATCH]))))
         if (i // BATCH) % 50 == 0 and i:
             done = i + BATCH
             rate = done / (time.perf_counter() - start)

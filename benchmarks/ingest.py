@@ -313,15 +313,15 @@ def main() -> None:
     print(f"default image runtime: {encoder.image_runtime}, {encoder.image_precision} ({encoder.precision_reason})")
     openvino_runs: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if encoder.image_runtime == "openvino":  # the same model in each precision, and on one stream (before 2026-11-28)
-        from pixfind.encoder import normalise_rows
         from pixfind.openvino_visual import OpenVinoVisual
+        from pixfind.vectors import unit_rows
 
         for name, precision, streams in (("f32", "f32", None), ("bf16", "bf16", None), ("f32 1 stream", "f32", 1)):
             model = OpenVinoVisual(
                 encoder.folder / "visual.onnx", encoder.threads, encoder._mean, encoder._std, streams, precision
             )
             print(f"openvino {name}: compiled {model.precision}, {model.streams} stream(s)")
-            openvino_runs[name] = lambda batch, model=model: normalise_rows(model.run(batch))
+            openvino_runs[name] = lambda batch, model=model: unit_rows(model.run(batch))
     one_stream = openvino_runs.get("f32 1 stream")
 
     tenc = None

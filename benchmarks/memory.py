@@ -36,7 +36,7 @@ from ingest import children_rss_mib, hwm_mib, rss_mib  # noqa: E402
 from pixfind import ImageIndex  # noqa: E402
 from pixfind.config import ModelSpec  # noqa: E402
 from pixfind.indexer import NoProgress  # noqa: E402
-from pixfind.onnx_encoder import normalise_rows  # noqa: E402
+from pixfind.vectors import unit_rows  # noqa: E402
 
 DIM = 512
 SIZE = 224
@@ -61,7 +61,7 @@ class StandInEncoder:
         return (np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.25
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        return normalise_rows(self._rng.standard_normal((len(pixels), DIM)).astype(np.float32))
+        return unit_rows(self._rng.standard_normal((len(pixels), DIM)).astype(np.float32))
 
 
 def make_files(folder: Path, count: int) -> None:

@@ -226,12 +226,14 @@ def test_both_record_layouts_are_read_and_written(backend: Backend, schema: int)
         assert store.delete([key_of(paths[0])]) == 1 and store.count() == len(paths) - 1
 
 
-def test_unit_normalises_only_what_is_not_unit() -> None:
+def test_unit_rows_normalises_only_what_is_not_unit() -> None:
+    from pixfind.vectors import unit_rows
+
     exact = vectors(1)[0]
-    assert store_mod.unit(exact) == [float(x) for x in exact]  # bit for bit
-    assert np.linalg.norm(store_mod.unit([3.0, 4.0])) == pytest.approx(1.0)
-    assert store_mod.unit([3.0, 4.0]) == pytest.approx([0.6, 0.8])
-    assert store_mod.unit([0.0, 0.0]) == [0.0, 0.0]
+    assert (unit_rows(exact)[0] == np.asarray(exact, dtype=np.float32)).all()  # bit for bit
+    assert np.linalg.norm(unit_rows([3.0, 4.0])[0]) == pytest.approx(1.0)
+    assert unit_rows([[3.0, 4.0], [0.0, 2.0]]) == pytest.approx(np.array([[0.6, 0.8], [0.0, 1.0]]))
+    assert (unit_rows([0.0, 0.0]) == 0).all()
 
 
 def test_read_your_writes_in_the_same_store(backend: Backend) -> None:

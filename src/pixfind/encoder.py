@@ -17,6 +17,7 @@ import numpy as np
 from .config import ModelSpec, cache_dir, cpu_cores, inference_threads
 from .errors import ModelLoadError
 from .preprocess import clip_normalisation, resize_crop
+from .vectors import unit_rows
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -173,7 +174,7 @@ class ClipEncoder:
             if self.half:
                 batch = batch.half()
             features = self.model.encode_image(batch)
-        return normalise_rows(features.float().cpu().numpy())
+        return unit_rows(features.float().cpu().numpy())
 
     def _normalise(self, batch: Any) -> Any:
         if self._device_norm is None:
@@ -198,7 +199,7 @@ class ClipEncoder:
                 features = encode_text_trimmed(self.model, trim_padding(tokens))
             else:
                 features = self.model.encode_text(tokens)
-        return normalise_rows(features.float().cpu().numpy())
+        return unit_rows(features.float().cpu().numpy())
 
 
 def can_trim_text(model: Any) -> bool:
@@ -235,13 +236,6 @@ def trim_padding(tokens: Any) -> Any:
     if len(used) == 0:
         return tokens
     return tokens[:, : int(used[-1]) + 1]
-
-
-def normalise_rows(features: np.ndarray) -> np.ndarray:
-    """Unit-length float32 rows: every vector pixfind stores or queries with."""
-    features = features.astype(np.float32, copy=False)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return (features / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def draft_side_for(image_size: int) -> int:

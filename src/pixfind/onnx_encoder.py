@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import ModelSpec, cache_dir, cpu_cores, default_precision, inference_threads, precision_from
-from .encoder import _first_line, draft_side_for, normalise_rows  # numpy only: no torch import
+from .encoder import _first_line, draft_side_for  # numpy only: no torch import
 from .errors import ModelLoadError
 from .preprocess import clip_normalisation, normalise, resize_crop
+from .vectors import unit_rows
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -220,7 +221,7 @@ class OnnxClipEncoder:
         with self._pick_lock:
             if self._run_visual is None:
                 self._run_visual = self._pick_image_runtime()
-        return normalise_rows(self._run_visual(pixels))
+        return unit_rows(self._run_visual(pixels))
 
     def _run_visual_ort(self, pixels: np.ndarray) -> np.ndarray:
         """ONNX Runtime's image tower on uint8 pixels or normalised float32."""
@@ -287,7 +288,7 @@ class OnnxClipEncoder:
         if self.meta.get("text_trim"):
             tokens = trim_padding(tokens)
         (features,) = self.session("text").run(None, {"tokens": tokens.astype(np.int64)})
-        return normalise_rows(features)
+        return unit_rows(features)
 
 
 # -- choosing a backend ----------------------------------------------------------------------
@@ -664,9 +665,9 @@ def check_parity(encoder: ClipEncoder, candidate: OnnxClipEncoder) -> dict[str, 
         raise ModelLoadError(f"numpy preprocessing differs from open_clip's by {pre_diff:.2e}")
     a = encoder.encode_images(torch_pixels)
     # ONNX Runtime's image tower; OpenVINO is checked against it when first used (openvino_visual)
-    b = normalise_rows(candidate._run_visual_ort(ours))
+    b = unit_rows(candidate._run_visual_ort(ours))
     image_diff = float(np.abs(a - b).max())
-    a1 = normalise_rows(candidate._run_visual_ort(ours[:1]))  # batch 1 through the dynamic axis
+    a1 = unit_rows(candidate._run_visual_ort(ours[:1]))  # batch 1 through the dynamic axis
     image_diff = max(image_diff, float(np.abs(a[:1] - a1).max()))
     if image_diff > PARITY_TOL:
         raise ModelLoadError(f"ONNX image tower differs from torch by {image_diff:.2e}")
@@ -680,7 +681,7 @@ def check_parity(encoder: ClipEncoder, candidate: OnnxClipEncoder) -> dict[str, 
 
     with torch.inference_mode():  # reference: full 77 positions, open_clip's own encode_text
         full = encoder.model.encode_text(encoder.tokenize(PARITY_TEXTS)).float().numpy()
-    full = normalise_rows(full)
+    full = unit_rows(full)
     text_diff = 0.0
     for texts, ref in ((PARITY_TEXTS, full), (PARITY_TEXTS[:1], full[:1]), (PARITY_TEXTS[:3], full[:3])):
         text_diff = max(text_diff, float(np.abs(candidate.encode_texts(texts) - ref).max()))

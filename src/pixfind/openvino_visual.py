@@ -39,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .encoder import _first_line, normalise_rows
+from .encoder import _first_line
+from .vectors import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def _compare(
     """Run the fixed sample on both; f32 must match to :data:`PARITY_TOL`, bf16 to
     :data:`BF16_MIN_COSINE` per image."""
     sample = parity_sample(image_size)
-    ours, theirs = normalise_rows(runner.run(sample)), normalise_rows(reference(sample))
+    ours, theirs = unit_rows(runner.run(sample)), unit_rows(reference(sample))
     if precision == "f32":
         diff = float(np.abs(ours - theirs).max())
         return bool(diff <= PARITY_TOL), f"max |OpenVINO - ONNX Runtime| {diff:.2e} (tolerance {PARITY_TOL:.0e})"

@@ -31,7 +31,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -45,6 +44,7 @@ from typing import Any
 from .config import ModelSpec, default_search_ef, is_server_uri, search_ef_from
 from .errors import IndexLockedError, ModelMismatchError, StoreError
 from .pathkeys import MAX_KEY_BYTES, folder_prefix_filter, key_of, keys_filter, path_of
+from .vectors import unit_rows
 
 SCHEMA_VERSION = 2
 APP = "pixfind"
@@ -163,8 +163,8 @@ class Row:
         if schema >= 2:
             if self.content:
                 record[CONTENT] = self.content
-            return {"path": self.key, VECTOR: unit(self.vector), META: record}
-        return {"path": self.key, VECTOR: unit(self.vector), **record}
+            return {"path": self.key, VECTOR: unit_rows(self.vector)[0].tolist(), META: record}
+        return {"path": self.key, VECTOR: unit_rows(self.vector)[0].tolist(), **record}
 
 
 def record_fields(schema: int) -> list[str]:
@@ -176,16 +176,6 @@ def flat_record(row: dict[str, Any]) -> dict[str, Any]:
     """A row read from either layout, with the record's entries at its top level."""
     record = row.get(META)
     return {**row, **record} if isinstance(record, dict) else row
-
-
-def unit(vector: Sequence[float]) -> list[float]:
-    """``vector`` as floats of length 1 (already-unit vectors pass unchanged, bit for bit), so
-    that the inner product of two stored vectors is their cosine."""
-    values = list(map(float, vector))
-    norm = math.sqrt(math.fsum(x * x for x in values))
-    if norm > 0 and abs(norm - 1.0) > 1e-4:
-        values = [x / norm for x in values]
-    return values
 
 
 @dataclass
@@ -802,7 +792,7 @@ class Store:
         results = self._call(
             self.client.search,
             self.collection,
-            data=[unit(v) for v in vectors],
+            data=unit_rows(vectors).tolist(),
             limit=limit,
             filter=folder_prefix_filter(folder) if folder else "",
             output_fields=["path", *(HIT_FIELDS_V1 if self._schema() < 2 else [META])],
