@@ -31,12 +31,9 @@ from .store import Store, check_same_model
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .encoder import ClipEncoder
     from .indexer import IndexReport, Progress
-    from .onnx_encoder import OnnxClipEncoder
+    from .models.base import Encoder
     from .search import Hit
-
-    Encoder = ClipEncoder | OnnxClipEncoder
 
 
 class ImageIndex:

@@ -32,9 +32,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import ModelSpec, cpu_cores
+from .config import cpu_cores
 from .errors import PixfindError
 from .images import ImageLoadError, describe_failure, load_image
+from .models.base import Encoder
 from .pathkeys import MAX_KEY_BYTES, key_fits, key_of, path_of
 from .scanner import (
     FileEntry,
@@ -51,18 +52,6 @@ from .store import CONTENT, Row, Store
 
 PLAN_CHUNK = 500
 WRITE_EVERY = 256  # rows buffered before an upsert
-
-
-class Encoder(Protocol):
-    """What the indexer needs from a model (see pixfind.encoder.ClipEncoder)."""
-
-    spec: ModelSpec
-    dim: int
-    draft_side: int
-
-    def preprocess(self, image: object) -> np.ndarray: ...
-
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...
 
 
 class Progress(Protocol):

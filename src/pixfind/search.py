@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,15 +18,7 @@ from .store import SearchHit, Store
 if TYPE_CHECKING:
     from PIL import Image
 
-
-class QueryEncoder(Protocol):
-    draft_side: int
-
-    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
-
-    def preprocess(self, image: Image.Image) -> np.ndarray: ...
-
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...
+    from .models.base import Encoder
 
 
 @dataclass
@@ -55,11 +47,11 @@ def resolve_under(under: str | None) -> str | None:
     return os.path.realpath(os.path.expanduser(under))
 
 
-def text_vector(encoder: QueryEncoder, text: str) -> np.ndarray:
+def text_vector(encoder: Encoder, text: str) -> np.ndarray:
     return encoder.encode_texts([check_query(text)])[0]
 
 
-def image_vector(encoder: QueryEncoder, image: str | Path | Image.Image) -> np.ndarray:
+def image_vector(encoder: Encoder, image: str | Path | Image.Image) -> np.ndarray:
     if isinstance(image, (str, Path)):
         if Path(image).is_dir():
             raise PixfindError(

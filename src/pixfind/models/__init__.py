@@ -1,0 +1,1 @@
+"""The CLIP models: one :class:`~pixfind.models.base.Encoder` contract and its runtimes."""
