@@ -1,8 +1,8 @@
 """Running the web app: the listening socket, uvicorn with its guards, and the announcement
 that lets other pixfind commands of this user ask the running server.
 
-Everything that can go wrong before serving (port taken, index locked, a short password) is
-found before the first line is printed, and is one :class:`~pixfind.errors.PixfindError`.
+What can go wrong at start (port taken, index locked or unreachable, a short password) is found
+before the server says where it listens, and is one :class:`~pixfind.errors.PixfindError`.
 """
 
 from __future__ import annotations
