@@ -463,6 +463,14 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
     assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN
 
 
+def test_the_server_reports_the_installed_version(client: TestClient) -> None:
+    """The version the API states is the installed distribution's, as ``pixfind --version`` prints."""
+    from importlib.metadata import version
+
+    assert client.get("/api/info").json()["server"]["version"] == version("pixfind")
+    assert client.get("/openapi.json").json()["info"]["version"] == version("pixfind")
+
+
 # -- concurrency -----------------------------------------------------------------------------------------
 
 
