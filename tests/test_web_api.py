@@ -25,7 +25,9 @@ except ImportError:  # tests/ is a package
 from fastapi.testclient import TestClient
 
 from pixfind.pathkeys import key_of
-from pixfind.web import Limits, clean_path, create_app, path_query
+from pixfind.web.app import create_app
+from pixfind.web.paths import clean_path, path_query
+from pixfind.web.service import Limits
 
 HIT_KEYS = {"rank", "score", "path", "width", "height", "size", "thumb", "image", "similar"}
 
@@ -112,9 +114,16 @@ def test_one_set_of_limits_the_readme_states(client: TestClient, capsys: pytest.
     longest, most = "a" * limits["query_chars"], limits["results"]
     assert client.get("/api/search", params={"q": longest, "k": most}).status_code == 200
     too_long = client.get("/api/search", params={"q": longest + "a"})
-    assert too_long.status_code == 400 and f"at most {limits['query_chars']:,} characters" in too_long.json()["detail"]
+    assert too_long.status_code == 400 and f"limit {limits['query_chars']:,}" in too_long.json()["detail"]
     too_many = client.get("/api/search", params={"q": "a", "k": most + 1})
-    assert too_many.status_code == 400 and f"at most {most:,}" in too_many.json()["detail"]
+    assert too_many.status_code == 400 and f"between 1 and {most:,}" in too_many.json()["detail"]
+    # the same refusal, in the same words, as the command line and the Python API give
+    with pytest.raises(PixfindError) as refused:
+        check_query(longest + "a")
+    assert too_long.json()["detail"] == str(refused.value)
+    with pytest.raises(PixfindError) as refused:
+        check_limit(most + 1)
+    assert too_many.json()["detail"] == f"bad request: k: {refused.value}"
     server = client.get("/api/info").json()["server"]
     assert (server["max_query_chars"], server["max_results"]) == (limits["query_chars"], most)
 
@@ -454,6 +463,14 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
     assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN
 
 
+def test_the_server_reports_the_installed_version(client: TestClient) -> None:
+    """The version the API states is the installed distribution's, as ``pixfind --version`` prints."""
+    from importlib.metadata import version
+
+    assert client.get("/api/info").json()["server"]["version"] == version("pixfind")
+    assert client.get("/openapi.json").json()["info"]["version"] == version("pixfind")
+
+
 # -- concurrency -----------------------------------------------------------------------------------------
 
 
@@ -521,7 +538,7 @@ def test_empty_index_answers_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_port_in_use_is_one_clear_error() -> None:
     from pixfind.errors import PixfindError
-    from pixfind.web import bind_socket
+    from pixfind.web.server import bind_socket
 
     first = bind_socket("127.0.0.1", 0)
     try:
@@ -780,7 +797,7 @@ def test_other_sites_pages_are_refused(client: TestClient, gallery: Path) -> Non
 
 
 def test_loopback_is_decided_by_address() -> None:
-    from pixfind.web_access import is_loopback
+    from pixfind.web.access import is_loopback
 
     for host in ("127.0.0.1", "127.0.0.2", "127.255.255.254", "localhost", "::1", "[::1]", "::ffff:127.0.0.1"):
         assert is_loopback(host), host
@@ -789,7 +806,7 @@ def test_loopback_is_decided_by_address() -> None:
 
 
 def test_access_on_another_loopback_address_keeps_the_host_check() -> None:
-    from pixfind.web import decide_access
+    from pixfind.web.access import decide_access
 
     access = decide_access("127.0.0.2", "127.0.0.2", 8000, None, False)
     assert access.loopback and access.credentials is None
@@ -799,7 +816,7 @@ def test_access_on_another_loopback_address_keeps_the_host_check() -> None:
 
 def test_access_off_loopback_needs_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
     from pixfind.errors import PixfindError
-    from pixfind.web import decide_access
+    from pixfind.web.access import decide_access
 
     monkeypatch.delenv("PIXFIND_SERVE_PASSWORD", raising=False)
     made = decide_access("0.0.0.0", "0.0.0.0", 8000, None, False)
@@ -822,7 +839,7 @@ def test_access_off_loopback_needs_a_password(monkeypatch: pytest.MonkeyPatch) -
 
 def test_password_file(tmp_path: Path) -> None:
     from pixfind.errors import PixfindError
-    from pixfind.web_access import read_password_file
+    from pixfind.web.access import read_password_file
 
     given = tmp_path / "password"
     given.write_text("  correct horse battery  \nsecond line\n")
@@ -837,7 +854,7 @@ def test_password_file(tmp_path: Path) -> None:
 def test_password_protects_every_answer(index, tmp_path: Path) -> None:
     import base64
 
-    from pixfind.web_access import Credentials
+    from pixfind.web.access import Credentials
 
     credentials = Credentials("correct horse battery")
     basic = "Basic " + base64.b64encode(b"pixfind:correct horse battery").decode()

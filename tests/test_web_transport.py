@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pixfind.web import bind_socket, make_server
-from pixfind.web_transport import TransportLimits
+from pixfind.web.server import bind_socket, make_server
+from pixfind.web.transport import TransportLimits
 
 BIG_ANSWER = 64 * 1024 * 1024
 #: Generous bounds: each limit below is 1-2 s; a shared, busy machine must not make these flaky.

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-__all__ = ["Hit", "ImageIndex", "IndexReport", "PixfindError"]
+from .version import __version__
+
+__all__ = ["Hit", "ImageIndex", "IndexReport", "PixfindError", "__version__"]
 
 if TYPE_CHECKING:
     from .api import ImageIndex

@@ -568,8 +568,8 @@ def serve(
     ] = False,
 ) -> None:
     """A web page and JSON API for searching the index, with the model loaded once."""
-    from .web import serve as run_server
-    from .web_access import read_password_file
+    from .web.access import read_password_file
+    from .web.server import serve as run_server
 
     password = read_password_file(password_file) if password_file else None
     index = _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef)

@@ -3,7 +3,7 @@ search`` and ``pixfind info`` ask it instead of opening the index themselves.
 
 A Milvus Lite file can be open in one process only. While ``pixfind serve`` runs on it, another
 command could not open the file at all (and a server never finishes); asking the server instead
-answers in a fraction of a second (no model, no Milvus start). ``pixfind serve`` announces itself
+answers at once (no model to load, no Milvus to start). ``pixfind serve`` announces itself
 in a side file next to the index (``INDEX.db.serve.json``: pid, URL, collection, and the key that
 stands for its password when it has one), readable by its user only, and removes it on exit. A
 stale file (dead pid), or one that another user owns or could have written, is ignored.

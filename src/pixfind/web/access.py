@@ -21,7 +21,7 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import json
+import os
 import secrets
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import PixfindError
+from ..errors import PixfindError
+from .answers import send_error
 
 #: The user name of HTTP basic auth (the password is what matters; browsers ask for both).
 USER = "pixfind"
@@ -114,6 +115,17 @@ def read_password_file(path: Path) -> str:
     return check_password(lines[0].strip() if lines else "", f"--password-file {path}")
 
 
+def password_from_environment() -> str | None:
+    """``$PIXFIND_SERVE_PASSWORD``, checked, or None when unset or empty.
+
+    Read here, not through :class:`pixfind.config.Settings`: Settings say how to reach the index and
+    the model, travel with the index into every layer and are safe to show; this secret is only
+    the server's, and is read once, where it is used.
+    """
+    value = os.environ.get(PASSWORD_ENV)
+    return check_password(value, PASSWORD_ENV) if value else None
+
+
 def check_password(password: str, source: str) -> str:
     if len(password) < MIN_PASSWORD_CHARS:
         raise PixfindError(
@@ -121,6 +133,51 @@ def check_password(password: str, source: str) -> str:
             "(or leave it out and pixfind serve makes one up)"
         )
     return password
+
+
+# -- what a server decides at start ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """How a server may be reached, and who may ask it: decided from where it listens."""
+
+    loopback: bool
+    allowed_hosts: list[str] | None
+    credentials: Credentials | None
+    lines: list[str]  # what to tell the person who started it
+
+
+def decide_access(host: str, bound: str, port: int, password: str | None, no_auth: bool) -> Access:
+    """Loopback: loopback Host names only, a password only when one is given. Any other address:
+    a password always (``password``, ``$PIXFIND_SERVE_PASSWORD`` or one made up and shown once),
+    unless ``no_auth`` says to share without one."""
+    source = "--password-file"
+    if password is None and (password := password_from_environment()) is not None:
+        source = PASSWORD_ENV
+    if password is not None and no_auth:
+        raise PixfindError(f"--no-auth and a password ({source}) both given: choose one")
+    credentials = Credentials(password) if password is not None else None
+    if is_loopback(bound):
+        if credentials is None:
+            line = "  only this computer can connect (--host 0.0.0.0 shares it on your network, with a password)"
+        else:
+            line = f"  only this computer can connect, as user {USER} with the password from {source}"
+        return Access(True, loopback_host_names(host, bound), credentials, [line])
+    if credentials is not None:
+        return Access(False, None, credentials, [f"  other computers can connect: user {USER}, password from {source}"])
+    if no_auth:
+        warning = (
+            f"  other computers can connect WITHOUT a password (--no-auth): anyone who reaches port {port} "
+            "sees every indexed picture"
+        )
+        return Access(False, None, None, [warning])
+    made = Credentials.generate()
+    lines = [
+        f"  other computers can connect: user {USER}, password {made.password}",
+        f"  (to choose the password: {PASSWORD_ENV}=... or --password-file FILE)",
+    ]
+    return Access(False, None, made, lines)
 
 
 # -- the middleware -----------------------------------------------------------------------------------
@@ -185,14 +242,14 @@ class AccessGuard:
             return
         refusal = cross_site_refusal(scope)
         if refusal is not None:
-            await _answer(send, 403, refusal)
+            await send_error(send, 403, refusal)
             return
         if self.credentials is not None:
             authorization = _headers(scope).get("authorization")
             if not self.credentials.accepts(authorization):
                 if authorization:
                     await asyncio.sleep(FAILED_AUTH_DELAY_S)
-                await _answer(
+                await send_error(
                     send,
                     401,
                     f"password needed: user {USER}, and the password pixfind serve printed or was given",
@@ -200,10 +257,3 @@ class AccessGuard:
                 )
                 return
         await self.app(scope, receive, send)
-
-
-async def _answer(send: Any, status: int, detail: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
-    await send({"type": "http.response.body", "body": body})

@@ -1,6 +1,6 @@
 """Slow clients and too many of them: what uvicorn's own settings do not cover.
 
-uvicorn (0.54) offers ``timeout_keep_alive`` (idle time *between* requests, reset by every byte),
+uvicorn offers ``timeout_keep_alive`` (idle time *between* requests, reset by every byte),
 ``limit_concurrency`` (answers 503 to requests above N connections or tasks, but accepts the
 connections) and ``h11_max_incomplete_event_size`` (header size). It has no timeout for
 receiving a request: a client that sends half its headers, or an upload at 100 bytes a second,
@@ -39,6 +39,8 @@ DISCARD_S = 30.0
 
 @dataclass(frozen=True)
 class TransportLimits:
+    """How long and how many: generous for a browser on a slow link, short for a client holding on."""
+
     #: Seconds to send the request line and headers.
     header_timeout_s: float = 10.0
     #: Seconds a request body may take before :attr:`min_body_rate` applies...
