@@ -189,6 +189,7 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
         code, out, err = run(capsys, "search", "a white dog", "--uri", uri, "--json", "-k", "3")
         assert code == 0, err
         assert len(json.loads(out)) == 3
+        assert err.count("random weights") == 1, err  # the index was built with PIXFIND_PRETRAINED=none
         code, out, err = run(capsys, "search", "--similar", str(photos[1]), "--uri", uri, "--json", "-k", "1")
         assert code == 0, err
         assert json.loads(out)[0]["path"] == str(photos[1])

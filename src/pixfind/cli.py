@@ -380,9 +380,12 @@ def search(
         raise PixfindError(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
-    hits = _search_via_server(uri, collection, query, image, similar, limit, under)
-    if hits is not None:
+    server = _running_server(uri, collection)
+    if server is not None:
+        hits = _search_via_server(server, query, image, similar, limit, under)
         _show_hits(hits, as_json, grid, under)
+        if hits and server.random_weights:
+            _say(RANDOM_WEIGHTS_NOTE)
         return
     with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
         if query:
@@ -396,11 +399,14 @@ def search(
             _note_random_weights(idx.model_spec())
 
 
+RANDOM_WEIGHTS_NOTE = "note: this index was built with random weights (--pretrained none): its rankings mean nothing"
+
+
 def _note_random_weights(spec: Any) -> None:
     """Say once, on stderr, that an index of random-weight vectors ranks nothing: a user trying
     pixfind offline with PIXFIND_PRETRAINED=none may otherwise take its rankings as real."""
     if spec.weights == "none":
-        _say("note: this index was built with random weights (--pretrained none): its rankings mean nothing")
+        _say(RANDOM_WEIGHTS_NOTE)
 
 
 def _show_hits(hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None) -> None:
@@ -444,18 +450,14 @@ def _running_server(uri: str | None, collection: str | None) -> Any:
 
 
 def _search_via_server(
-    uri: str | None,
-    collection: str | None,
+    server: Any,
     query: str | None,
     image: Path | None,
     similar: str | None,
     limit: int,
     under: str | None,
-) -> list[Any] | None:
-    """Hits from a ``pixfind serve`` running on the same embedded index, or None."""
-    server = _running_server(uri, collection)
-    if server is None:
-        return None
+) -> list[Any]:
+    """Hits from a ``pixfind serve`` running on the same embedded index."""
     from . import remote
     from .limits import check_query
     from .search import candidate_paths, resolve_under

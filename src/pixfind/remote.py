@@ -42,6 +42,8 @@ class RunningServer:
 
     url: str
     key: str | None = None
+    random_weights: bool = False
+    """The index was built with random weights: its rankings mean nothing (said on stderr)."""
 
 
 def announce_path(db_uri: str) -> Path:
@@ -50,10 +52,12 @@ def announce_path(db_uri: str) -> Path:
 
 
 @contextlib.contextmanager
-def announced(db_uri: str, url: str, collection: str, key: str | None = None) -> Iterator[None]:
+def announced(
+    db_uri: str, url: str, collection: str, key: str | None = None, random_weights: bool = False
+) -> Iterator[None]:
     """Advertise a running server for ``db_uri`` while the block runs (file mode 0600)."""
     path = announce_path(db_uri)
-    record = {"pid": os.getpid(), "url": url, "collection": collection, "key": key}
+    record = {"pid": os.getpid(), "url": url, "collection": collection, "key": key, "random_weights": random_weights}
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")  # mode 0600
         with os.fdopen(fd, "w") as fh:
@@ -80,7 +84,7 @@ def find_server(db_uri: str, collection: str) -> RunningServer | None:
         return None
     if data.get("collection") != collection or not _alive(pid) or not url.startswith("http://"):
         return None
-    return RunningServer(url, str(key) if key else None)
+    return RunningServer(url, str(key) if key else None, data.get("random_weights") is True)
 
 
 def _read_own_file(path: Path) -> dict[str, Any]:

@@ -184,4 +184,7 @@ def _announce(
     local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound, bound)
     local = f"[{local}]" if ":" in local else local
     key = credentials.local_key if credentials else None
-    return announced(index.store.uri, f"http://{local}:{port}/", index.settings.collection, key=key)
+    random = index.model_spec().weights == "none"
+    return announced(
+        index.store.uri, f"http://{local}:{port}/", index.settings.collection, key=key, random_weights=random
+    )
