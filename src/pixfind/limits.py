@@ -35,7 +35,7 @@ def check_query(text: str) -> str:
     """The query text, stripped; one clear error when it is empty or too long."""
     text = text.strip()
     if not text:
-        raise PixfindError('empty query: describe the picture, e.g. pixfind search "a white dog"')
+        raise PixfindError('empty query: describe the picture in words, e.g. "a white dog"')
     if len(text) > MAX_QUERY_CHARS:
         raise PixfindError(f"query too long ({len(text):,} characters, limit {MAX_QUERY_CHARS:,})")
     return text
