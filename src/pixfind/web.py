@@ -64,7 +64,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from . import __version__
 from .config import ModelSpec, cpu_cores
 from .errors import PixfindError, StoreError
-from .images import MAX_PIXELS, ImageLoadError, has_image_extension, load_reduced
+from .ingest.content import fingerprint
+from .ingest.decode import MAX_PIXELS, ImageLoadError, has_image_extension, load_reduced
 from .limits import (
     DEFAULT_RESULTS,
     MAX_QUERY_CHARS,
@@ -75,7 +76,6 @@ from .limits import (
     QUERY_IMAGE_SIDE,
 )
 from .pathkeys import key_of
-from .scanner import fingerprint
 from .web_access import (
     PASSWORD_ENV,
     USER,
