@@ -226,8 +226,10 @@ def test_a_plan_without_rows_to_compare_embeds_every_file(make_images, tmp_path:
     photos = make_images(tmp_path / "lib", 3)
     with Store(str(tmp_path / "i.db")) as store:
         report = IndexReport()
-        folders = [str(tmp_path / "lib")]
-        chunks = list(plan(store, folders, report, compare=False, stop=threading.Event(), hash_workers=1, found=print))
+        folders, found = [str(tmp_path / "lib")], []
+        stop = threading.Event()
+        chunks = list(plan(store, folders, report, compare=False, stop=stop, hash_workers=1, found=found.append))
+    assert found == [3]
     embed = [item for chunk in chunks for item in chunk.embed]
     assert [item.entry.path for item in embed] == [str(p) for p in photos]
     assert not any(item.is_update for item in embed)
