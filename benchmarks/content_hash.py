@@ -32,10 +32,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import photo_dir
 
-from pixfind import scanner
 from pixfind.config import ModelSpec
-from pixfind.images import load_image
-from pixfind.indexer import Indexer
+from pixfind.ingest import content
+from pixfind.ingest.decode import load_image
+from pixfind.ingest.runner import Indexer
 from pixfind.pathkeys import key_of
 from pixfind.store import Row, Store
 
@@ -44,16 +44,16 @@ DRAFT_SIDE = 336  # ViT-B-32's 224 x 1.5, as an index run decodes
 
 def decode_part(photos: list[Path], rounds: int) -> None:
     def old(path: str) -> None:
-        scanner.fingerprint(path, os.path.getsize(path))
+        content.fingerprint(path, os.path.getsize(path))
         load_image(path, min_side=DRAFT_SIDE)
 
     def new(path: str) -> None:
-        raw = scanner.read_file(path)
+        raw = content.read_file(path)
         raw.digests()
         load_image(path, min_side=DRAFT_SIDE, data=raw.data)
 
     def hash_only(path: str) -> None:
-        scanner.read_file(path).digests()
+        content.read_file(path).digests()
 
     sizes = [p.stat().st_size for p in photos]
     print(f"{len(photos)} photos, {sum(sizes) / len(sizes) / 1e6:.2f} MB on average (files in the page cache)")
@@ -86,7 +86,7 @@ def make_files(photos: list[Path], folder: Path, count: int) -> list[Path]:
 
 
 def moves_part(photos: list[Path], count: int, work: Path) -> None:
-    records_content = hasattr(scanner, "content_hash")
+    records_content = hasattr(content, "content_hash")
     shutil.rmtree(work, ignore_errors=True)
     before, after = work / "before", work / "after"
     started = time.perf_counter()
@@ -101,10 +101,10 @@ def moves_part(photos: list[Path], count: int, work: Path) -> None:
     for path in paths:
         info = os.stat(path)
         vector = rng.normal(size=512).astype(np.float32)
-        print_ = scanner.fingerprint(str(path), info.st_size)
+        print_ = content.fingerprint(str(path), info.st_size)
         row = Row(key_of(str(path)), vector / np.linalg.norm(vector), info.st_size, info.st_mtime_ns, 1, 1, print_)
         if records_content:
-            row.content = scanner.content_hash(path=str(path))
+            row.content = content.content_hash(path=str(path))
         rows.append(row)
     store.write(rows)
     print(f"stored {len(rows):,} rows in {time.perf_counter() - started:.1f}s (content hash: {records_content})")

@@ -39,7 +39,7 @@ def _init_worker(folder: str) -> None:
 
 
 def _load_in_worker(path: str) -> np.ndarray:
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
 
     return _worker_pre.preprocess(load_image(path, min_side=_worker_pre.draft_side).image)
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     from pixfind.config import ModelSpec
     from pixfind.encoder import ClipEncoder
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
     from pixfind.onnx_encoder import OnnxClipEncoder, export
     from pixfind.preprocess import normalise
 

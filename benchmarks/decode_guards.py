@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pixfind.images import ImageLoadError, load_image
+from pixfind.ingest.decode import ImageLoadError, load_image
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -174,7 +174,7 @@ def nncf_int8(ort, photos: Path) -> Callable[[np.ndarray], np.ndarray] | None:
     import openvino
     from photos import DATA
 
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
     from pixfind.openvino_visual import _keep_output, _taking_pixels
 
     core = openvino.Core()
@@ -254,7 +254,7 @@ def main() -> None:
     from photos import describe, photo_dir
 
     from pixfind.config import ModelSpec
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
     from pixfind.onnx_encoder import OnnxClipEncoder, load_encoder
     from pixfind.openvino_visual import (
         OpenVinoVisual,
@@ -311,7 +311,7 @@ def yardstick(args: argparse.Namespace, ort, runs, base) -> None:
     minus the ``--queries`` used as image queries)."""
     from photos import photo_dir
 
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
     from pixfind.openvino_visual import version
 
     files = sorted(photo_dir(max(1000, args.reference)).glob("*.jpg"))[: args.reference]

@@ -136,7 +136,7 @@ def _init_decoder(preprocess: Callable[[Any], np.ndarray], min_side: int | None)
 
 def decode_one(path: str) -> int:
     """pixfind's decode (draft mode) and a preprocessing; the array stays in the worker."""
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
 
     assert _PREPROCESS is not None
     loaded = load_image(path, min_side=_MIN_SIDE)
@@ -294,7 +294,7 @@ def main() -> int:
     from pixfind import ImageIndex
     from pixfind.config import ModelSpec, cpu_cores
     from pixfind.encoder import ClipEncoder
-    from pixfind.indexer import default_workers
+    from pixfind.ingest.runner import default_workers
 
     spec = ModelSpec(args.model, None)
     began = time.perf_counter()

@@ -274,7 +274,7 @@ def main() -> None:
     from photos import describe, photo_dir
 
     from pixfind.config import ModelSpec, cpu_cores
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
     from pixfind.onnx_encoder import OnnxClipEncoder, load_encoder
 
     os.environ["PIXFIND_PRETRAINED"] = "none"

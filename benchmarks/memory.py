@@ -35,7 +35,7 @@ from ingest import children_rss_mib, hwm_mib, rss_mib  # noqa: E402
 
 from pixfind import ImageIndex  # noqa: E402
 from pixfind.config import ModelSpec  # noqa: E402
-from pixfind.indexer import NoProgress  # noqa: E402
+from pixfind.ingest.report import NoProgress  # noqa: E402
 from pixfind.vectors import unit_rows  # noqa: E402
 
 DIM = 512

@@ -94,7 +94,7 @@ def main() -> None:
 
     from pixfind.config import ModelSpec
     from pixfind.encoder import ClipEncoder
-    from pixfind.images import load_image
+    from pixfind.ingest.decode import load_image
     from pixfind.onnx_encoder import OnnxClipEncoder, export
     from pixfind.preprocess import normalise
 

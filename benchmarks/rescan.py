@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 from pixfind.config import ModelSpec
-from pixfind.indexer import Indexer
+from pixfind.ingest.content import fingerprint
+from pixfind.ingest.runner import Indexer
 from pixfind.pathkeys import key_of
-from pixfind.scanner import fingerprint
 from pixfind.store import Row, Store
 
 

@@ -6,7 +6,7 @@ The tree holds empty files: half with image extensions (what pixfind looks at), 
 (what it must skip cheaply), 200 per folder, folders two levels deep. Each phase runs in a fresh
 process so its peak RSS (``ru_maxrss``) is its own:
 
-* ``scan``: :func:`pixfind.scanner.scan` over the tree, nothing kept;
+* ``scan``: :func:`pixfind.ingest.scan.scan` over the tree, nothing kept;
 * ``plan``: ``Indexer.run`` on a new Milvus Lite index, stopped when embedding would start: the
   scan, the per-chunk lookups and the to-do list the embedding phase would work through;
 * ``replan`` (with ``--stored``): the same after a row was stored for every image file with its
@@ -60,7 +60,7 @@ def rss_mib() -> float:
 
 
 def phase_scan(tree: str) -> dict[str, object]:
-    from pixfind.scanner import FileEntry, scan
+    from pixfind.ingest.scan import FileEntry, scan
 
     base = rss_mib()
     started = time.perf_counter()
@@ -96,7 +96,7 @@ class Recorder:
 
 def phase_plan(tree: str, uri: str) -> dict[str, object]:
     from pixfind.config import ModelSpec
-    from pixfind.indexer import Indexer
+    from pixfind.ingest.runner import Indexer
     from pixfind.store import Store
 
     class NoModel:  # the model is never reached: the run stops when embedding would start
@@ -128,8 +128,8 @@ def phase_store(tree: str, uri: str) -> dict[str, object]:
     import numpy as np
 
     from pixfind.config import ModelSpec
+    from pixfind.ingest.scan import FileEntry, scan
     from pixfind.pathkeys import key_of
-    from pixfind.scanner import FileEntry, scan
     from pixfind.store import Row, Store
 
     rng = np.random.default_rng(0)

@@ -102,8 +102,8 @@ def load_page(url: str, paths: list[str], etags: dict[str, str] | None = None) -
 
 def in_process_steps(db: Path, paths: list[str]) -> dict[str, float]:
     """Milliseconds per thumbnail for the two checks a request now makes, alone."""
+    from pixfind.ingest.content import fingerprint
     from pixfind.pathkeys import key_of
-    from pixfind.scanner import fingerprint
     from pixfind.store import Store
 
     with Store(str(db), create=False) as store:

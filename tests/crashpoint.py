@@ -21,7 +21,7 @@ Before a kill at ``upsert`` or ``prune`` the wrapper prints one line to stderr,
 ``crashpoint: killed inside ... K of M rows ...``, which the tests read: they then know exactly
 which rows were written. ACTION is ``kill`` (SIGKILL to this process: the hardest crash),
 ``killall`` (SIGKILL to this process and its Milvus Lite server at once), or ``sigint`` (SIGINT to
-the whole process group, as a terminal's Ctrl-C does). WRITE_EVERY lowers the indexer's
+the whole process group, as a terminal's Ctrl-C does). WRITE_EVERY lowers the index run's
 rows-per-write so a small test folder is written in several steps; ROWS_PER_CALL lowers the rows
 (or keys) per Milvus request. Nothing in pixfind itself is changed: the points are wrappers
 around its functions (and pymilvus' client methods), installed before the CLI runs.
@@ -76,7 +76,8 @@ def announce_the_runtime() -> None:
 
 
 def install(point: str, count: int, action: str) -> None:
-    import pixfind.indexer as indexer
+    import pixfind.ingest.plan as plan
+    import pixfind.ingest.runner as runner
     import pixfind.store as store
 
     announce_the_runtime()
@@ -90,7 +91,7 @@ def install(point: str, count: int, action: str) -> None:
             return calls["n"] == count
 
     if point == "scan":
-        real_scan = indexer.scan
+        real_scan = plan.scan
 
         def scan(root: str):  # type: ignore[no-untyped-def]
             for found in real_scan(root):
@@ -98,18 +99,18 @@ def install(point: str, count: int, action: str) -> None:
                 if reached():
                     _fire(action)
 
-        indexer.scan = scan
+        plan.scan = scan
     elif point == "decode":
-        real_prepare = indexer._prepare
+        real_decode = runner.decode_item
 
-        def prepare(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def decode_item(*args, **kwargs):  # type: ignore[no-untyped-def]
             if reached():
                 _fire(action)
-            return real_prepare(*args, **kwargs)
+            return real_decode(*args, **kwargs)
 
-        indexer._prepare = prepare
+        runner.decode_item = decode_item
     elif point in ("encode", "embed"):
-        real_encode = indexer.Indexer._encode
+        real_encode = runner.Indexer._embed_batch
 
         def encode(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             rows = real_encode(self, *args, **kwargs)
@@ -117,7 +118,7 @@ def install(point: str, count: int, action: str) -> None:
                 _fire(action)
             return rows
 
-        indexer.Indexer._encode = encode
+        runner.Indexer._embed_batch = encode
     elif point in ("upsert-timer", "delete"):
         method = "write" if point == "upsert-timer" else "delete"
         real = getattr(store.Store, method)
@@ -131,7 +132,7 @@ def install(point: str, count: int, action: str) -> None:
     elif point == "upsert":
         _inside_writes(store, reached, action)
     elif point == "prune":
-        _inside_prune(indexer, reached, action)
+        _inside_prune(runner, reached, action)
     elif point == "model":
         import pixfind.encoder as encoder
 
@@ -179,17 +180,19 @@ def _inside_writes(store, reached, action: str) -> None:  # type: ignore[no-unty
     MilvusClient.upsert = upsert
 
 
-def _inside_prune(indexer, reached, action: str) -> None:  # type: ignore[no-untyped-def]
+def _inside_prune(runner, reached, action: str) -> None:  # type: ignore[no-untyped-def]
     """Kill inside the prune, after its N-th acknowledged delete request, with more to send."""
     from pymilvus import MilvusClient
 
-    real_prune, real_delete = indexer.Indexer._prune, MilvusClient.delete
+    from pixfind.ingest.scan import Presence, PresenceCheck
+
+    real_prune, real_delete = runner.Indexer._prune, MilvusClient.delete
     pruning = {"on": False, "deleted": 0, "gone": 0}
-    real_check = indexer.PresenceCheck.__call__
+    real_check = PresenceCheck.__call__
 
     def counting_check(self, path: str):  # type: ignore[no-untyped-def]  # how many rows the prune will delete
         verdict = real_check(self, path)
-        if pruning["on"] and verdict.presence is indexer.Presence.GONE:
+        if pruning["on"] and verdict.presence is Presence.GONE:
             pruning["gone"] += 1
         return verdict
 
@@ -209,8 +212,8 @@ def _inside_prune(indexer, reached, action: str) -> None:  # type: ignore[no-unt
                 _fire(action)
         return result
 
-    indexer.PresenceCheck.__call__ = counting_check
-    indexer.Indexer._prune = prune
+    PresenceCheck.__call__ = counting_check
+    runner.Indexer._prune = prune
     MilvusClient.delete = delete
 
 
@@ -218,9 +221,9 @@ def main() -> int:
     split = sys.argv.index("--")
     point, count, action, *rest = sys.argv[1:split]
     if rest:
-        import pixfind.indexer as indexer
+        import pixfind.ingest.runner as runner
 
-        indexer.WRITE_EVERY = int(rest[0])
+        runner.WRITE_EVERY = int(rest[0])
     if len(rest) > 1:
         import pixfind.store as store
 

@@ -265,7 +265,7 @@ def reported_precision(summary: str) -> str:
 
 def image_files(folder: str | Path, skip: Iterable[str | Path] = ()) -> list[str]:
     """Image files a scan should store under ``folder`` (by extension), minus ``skip``."""
-    from pixfind.images import has_image_extension
+    from pixfind.ingest.decode import has_image_extension
 
     left_out = {str(p) for p in skip}
     found = []

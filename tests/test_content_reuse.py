@@ -16,7 +16,7 @@ import blake3
 import numpy as np
 from PIL import Image
 
-from pixfind.images import load_image
+from pixfind.ingest.decode import load_image
 from pixfind.pathkeys import key_of
 
 
@@ -125,7 +125,7 @@ def test_the_whole_contents_hash_is_recorded_from_the_bytes_read_once(
 def test_rows_without_a_content_hash_never_lend_their_vector(index_factory, make_images, tmp_path: Path) -> None:
     """A row from before content hashes (an older index): its file's copy is embedded, not
     trusted on the fingerprint alone."""
-    from pixfind.scanner import fingerprint
+    from pixfind.ingest.content import fingerprint
     from pixfind.store import Row
 
     library = tmp_path / "lib"

@@ -25,7 +25,7 @@ from PIL import Image, ImageFile
 
 from pixfind.config import ModelSpec
 from pixfind.errors import StoreError
-from pixfind.images import ImageLoadError, load_image
+from pixfind.ingest.decode import ImageLoadError, load_image
 from pixfind.store import Row, Store
 
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from pixfind.config import ModelSpec
 from pixfind.encoder import ClipEncoder, trim_padding
 from pixfind.errors import ModelLoadError
-from pixfind.images import load_image
+from pixfind.ingest.decode import load_image
 
 
 def reference_image_vector(encoder: ClipEncoder, image: Image.Image) -> np.ndarray:

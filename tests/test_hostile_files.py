@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pixfind.images import ImageLoadError, load_image
-from pixfind.indexer import NoProgress
+from pixfind.ingest.decode import ImageLoadError, load_image
+from pixfind.ingest.report import NoProgress
+from pixfind.ingest.scan import FileEntry, ScanProblem, scan
 from pixfind.pathkeys import path_of
-from pixfind.scanner import FileEntry, ScanProblem, scan
 
 SLOW = pytest.mark.skipif(not os.environ.get("PIXFIND_SLOW"), reason="long randomised run: set PIXFIND_SLOW=1")
 
@@ -219,8 +219,9 @@ if os.geteuid() == 0:
         data[0].permitted &= ~(1 << cap)
     if libc.capset(ctypes.byref(header), data) != 0:
         sys.exit(f"capset failed: {os.strerror(ctypes.get_errno())}")
-from pixfind.images import load_image, ImageLoadError, describe_failure
-from pixfind.scanner import scan, fingerprint, ScanProblem, FileEntry
+from pixfind.ingest.decode import load_image, ImageLoadError, describe_failure
+from pixfind.ingest.scan import scan, ScanProblem, FileEntry
+from pixfind.ingest.content import fingerprint
 from PIL import Image
 root = sys.argv[1]
 Image.new("RGB", (32, 32), "red").save(os.path.join(root, "secret.jpg"))

@@ -9,7 +9,7 @@ import pytest
 from conftest import draw_photo
 from PIL import Image
 
-from pixfind.images import ImageLoadError, has_image_extension, load_image, to_rgb
+from pixfind.ingest.decode import ImageLoadError, has_image_extension, load_image, to_rgb
 
 
 def test_extensions_are_case_insensitive() -> None:

@@ -460,13 +460,14 @@ def test_decoding_waits_for_a_model_that_fills_the_cpu(
 ) -> None:
     """On a CPU the model uses every core: decoding beside it would stall its threads, so decode
     threads run between batches; beside a GPU (or spare cores) they overlap inference."""
-    from pixfind import indexer
+    from pixfind.ingest import pipeline
+    from pixfind.ingest.runner import Indexer
     from pixfind.store import Store
 
     folder = tmp_path / "photos"
     make_images(folder, 24)
     encoder = _SlowEncoder(fills_cpu)
-    real_load = indexer.load_image
+    real_load = pipeline.load_image
 
     def load(path: str, min_side: int | None = None, data: bytes | None = None) -> object:
         if encoder.busy:
@@ -474,9 +475,9 @@ def test_decoding_waits_for_a_model_that_fills_the_cpu(
         time.sleep(0.005)
         return real_load(path, min_side=min_side, data=data)
 
-    monkeypatch.setattr(indexer, "load_image", load)
+    monkeypatch.setattr(pipeline, "load_image", load)
     with Store(str(tmp_path / "i.db")) as store:
-        report = indexer.Indexer(store, lambda: encoder, batch_size=4, workers=2).run([str(folder)])
+        report = Indexer(store, lambda: encoder, batch_size=4, workers=2).run([str(folder)])
         assert report.new == 24 and store.count() == 24
     if fills_cpu:
         assert encoder.decodes_during_inference == 0
@@ -542,12 +543,12 @@ def test_an_index_made_with_schema_1_keeps_working(make_images, tmp_path: Path) 
 def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from pixfind import indexer
+    from pixfind.ingest import runner
 
-    monkeypatch.setattr(indexer, "cpu_cores", lambda: 8)
-    assert indexer.default_workers(SimpleNamespace(device="cuda:0", fills_cpu=False)) == 8  # GPU: CPU decodes
-    assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=True)) == 8  # turns: all cores
-    assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=False)) == 4  # beside a CPU model
-    assert indexer.default_workers(SimpleNamespace()) == 4  # an encoder of the caller's that does not say
-    assert indexer.default_batch(SimpleNamespace(device="cuda:1")) == 256
-    assert indexer.default_batch(SimpleNamespace()) == 16
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 8)
+    assert runner.default_workers(SimpleNamespace(device="cuda:0", fills_cpu=False)) == 8  # GPU: CPU decodes
+    assert runner.default_workers(SimpleNamespace(device="cpu", fills_cpu=True)) == 8  # turns: all cores
+    assert runner.default_workers(SimpleNamespace(device="cpu", fills_cpu=False)) == 4  # beside a CPU model
+    assert runner.default_workers(SimpleNamespace()) == 4  # an encoder of the caller's that does not say
+    assert runner.default_batch(SimpleNamespace(device="cuda:1")) == 256
+    assert runner.default_batch(SimpleNamespace()) == 16

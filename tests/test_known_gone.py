@@ -121,7 +121,8 @@ def test_an_unreadable_root_keeps_every_row_and_fails(
 FRESH_RUN = r"""
 import os, sys
 import numpy as np
-from pixfind.indexer import Indexer, NoProgress
+from pixfind.ingest.report import NoProgress
+from pixfind.ingest.runner import Indexer
 from pixfind.store import Store
 from pixfind.config import ModelSpec
 
@@ -193,7 +194,7 @@ def test_a_root_emptied_like_an_unmounted_drive_keeps_its_rows(index_factory, ma
 
 def test_presence_is_known_only_where_it_can_be(tmp_path: Path) -> None:
     """The rule itself, on plain paths (root may read everything: mode cases are above)."""
-    from pixfind.scanner import Presence, PresenceCheck
+    from pixfind.ingest.scan import Presence, PresenceCheck
 
     root = tmp_path / "root"
     (root / "kept").mkdir(parents=True)

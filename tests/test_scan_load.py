@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pixfind.config import ModelSpec
-from pixfind.indexer import Indexer
+from pixfind.ingest.runner import Indexer
 from pixfind.store import Store
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "scan_load.py"

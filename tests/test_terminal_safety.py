@@ -87,7 +87,7 @@ def test_printable_escapes_every_control_and_nothing_else() -> None:
 
 def test_summary_lines_are_safe_to_print() -> None:
     """The index run's summary, for API users printing it themselves (the CLI escapes again)."""
-    from pixfind.indexer import IndexReport
+    from pixfind.ingest.report import IndexReport
     from pixfind.render import summary_lines
 
     report = IndexReport(failed=[(f"/p/{name}", f"cannot open {name!s}") for name in HOSTILE])

@@ -14,7 +14,7 @@ __all__ = ["Hit", "ImageIndex", "IndexReport", "PixfindError", "__version__"]
 if TYPE_CHECKING:
     from .api import ImageIndex
     from .errors import PixfindError
-    from .indexer import IndexReport
+    from .ingest.report import IndexReport
     from .search import Hit
 
 
@@ -28,7 +28,7 @@ def __getattr__(name: str) -> Any:
 
         return Hit
     if name == "IndexReport":
-        from .indexer import IndexReport
+        from .ingest.report import IndexReport
 
         return IndexReport
     if name == "PixfindError":

@@ -31,7 +31,7 @@ from .store import Store, check_same_model
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .indexer import IndexReport, Progress
+    from .ingest.report import IndexReport, Progress
     from .models.base import Encoder
     from .search import Hit
 
@@ -164,7 +164,7 @@ class ImageIndex:
         workers: int | None = None,
     ) -> IndexReport:
         """Index (or re-index, incrementally) image files under ``folders``."""
-        from .indexer import Indexer
+        from .ingest.runner import Indexer
 
         if not folders:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")

@@ -430,7 +430,7 @@ def _why_no_matches(under: str | None) -> str:
     if os.path.isdir(where):
         return f"no matches: nothing in the index is under {under} (pixfind index {under} adds it)"
     if os.path.exists(where):
-        from .scanner import Presence, PresenceCheck
+        from .ingest.scan import Presence, PresenceCheck
 
         is_image = PresenceCheck()(where).presence is Presence.PRESENT
         hint = f" (pictures like it: --similar {under})" if is_image else ""

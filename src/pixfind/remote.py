@@ -166,7 +166,7 @@ def _under(under: str | None) -> str:
 def _multipart_png(image: str | Path) -> tuple[bytes, str]:
     import io
 
-    from .images import ImageLoadError, load_image
+    from .ingest.decode import ImageLoadError, load_image
 
     if not Path(image).is_file():
         raise PixfindError(f"query image not found: {image}")

@@ -18,7 +18,7 @@ from .errors import PixfindError
 if TYPE_CHECKING:
     from PIL import Image, ImageFont
 
-    from .indexer import IndexReport
+    from .ingest.report import IndexReport
     from .search import Hit
 
 TILE = 150
@@ -119,7 +119,7 @@ def write_grid(hits: Sequence[Hit], destination: str | Path) -> Path:
 def _tile(path: str, size: int) -> Image.Image:
     from PIL import Image, ImageDraw, ImageOps
 
-    from .images import ImageLoadError, load_image
+    from .ingest.decode import ImageLoadError, load_image
 
     try:
         image = load_image(path, min_side=size).image

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import PixfindError
-from .images import ImageLoadError, load_image
+from .ingest.decode import ImageLoadError, load_image
 from .limits import check_limit, check_query
 from .pathkeys import key_of
 from .store import SearchHit, Store
@@ -64,7 +64,7 @@ def image_vector(encoder: Encoder, image: str | Path | Image.Image) -> np.ndarra
         except ImageLoadError as exc:
             raise PixfindError(f"cannot read query image {image}: {exc.reason}") from exc
     else:
-        from .images import to_rgb
+        from .ingest.decode import to_rgb
 
         pil = to_rgb(image)
     return encoder.encode_images(encoder.preprocess(pil)[None])[0]

@@ -156,7 +156,7 @@ class Row:
     width: int
     height: int
     fingerprint: str
-    content: str | None = None  # the whole file's hash (scanner.content_hash); schema 2 only
+    content: str | None = None  # the whole file's hash (ingest.content.content_hash); schema 2 only
 
     def to_entity(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
         record: dict[str, Any] = {name: getattr(self, name) for name in FILE_FIELDS}

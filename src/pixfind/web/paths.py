@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, quote
 
 from fastapi import Request
 
-from ..scanner import fingerprint
+from ..ingest.content import fingerprint
 from .answers import ApiError
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..config import ModelSpec, cpu_cores
 from ..errors import PixfindError, StoreError
-from ..images import MAX_PIXELS, ImageLoadError, has_image_extension, load_reduced
+from ..ingest.decode import MAX_PIXELS, ImageLoadError, has_image_extension, load_reduced
 from ..limits import (
     MAX_QUERY_CHARS,
     MAX_RESULTS,

@@ -97,7 +97,7 @@ def load_reduced(
 
     Unlike :func:`load_image`, the image is reduced (an integer box reduction, shorter side kept at
     least ``min_side``) *before* it is converted to RGB, so an alpha, palette or 16-bit image is
-    never converted at full size (a 24 MP RGBA PNG: 276 MB at the peak instead of 550). The pixel
+    never converted at full size. The pixel
     limit is checked from the header, before decoding; ``max_jpeg_pixels`` (default: the same)
     applies to JPEGs, which the codec decodes at 1/2 to 1/8 scale.
     """
