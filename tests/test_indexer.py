@@ -439,6 +439,8 @@ def test_an_ivf_index_left_by_a_killed_server_is_adopted_then_restored(
 class _SlowEncoder:
     """Stands in for a model: records whether a decode ever ran while it was embedding."""
 
+    device, image_size, image_precision, precision_reason, image_runtime = "cpu", 8, None, "", None
+
     def __init__(self, fills_cpu: bool) -> None:
         self.spec, self.dim, self.draft_side, self.fills_cpu = ModelSpec(SMALL_MODEL, None), 4, 336, fills_cpu
         self.busy = False

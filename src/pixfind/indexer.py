@@ -159,7 +159,7 @@ def default_workers(encoder: Encoder) -> int:
     leaves it between batches (decoded quickly on every core): one per core (on a 16-core GPU
     machine 24 or 32 threads were slower: benchmarks/gpu.py). A CPU model on fewer threads: one
     per two cores, beside it (draft decoding costs ~1/6 of a CPU inference)."""
-    return cpu_cores() if _on_gpu(encoder) or _fills_cpu(encoder) else max(1, cpu_cores() // 2)
+    return cpu_cores() if _on_gpu(encoder) or encoder.fills_cpu else max(1, cpu_cores() // 2)
 
 
 def default_batch(encoder: Encoder) -> int:
@@ -169,7 +169,7 @@ def default_batch(encoder: Encoder) -> int:
 
 
 def _on_gpu(encoder: Encoder) -> bool:
-    return str(getattr(encoder, "device", "cpu")).startswith("cuda")
+    return encoder.device.startswith("cuda")
 
 
 class CpuTurns:
@@ -447,7 +447,7 @@ class Indexer:
     ) -> Iterator[_Prepared]:
         """Decode in a thread pool, at most ``lookahead`` files ahead of the model, in order."""
         min_side = encoder.draft_side if self.draft else None
-        self._turns.enabled = _fills_cpu(encoder)
+        self._turns.enabled = encoder.fills_cpu
         workers = self.workers or default_workers(encoder)
         lookahead = max(2 * batch_size, 4 * workers)
         queue: deque[Future[_Prepared | tuple[str, str]]] = deque()
@@ -521,10 +521,6 @@ def _prepare(item: _Todo, encoder: Encoder, min_side: int | None, turns: CpuTurn
     except Exception as exc:
         return (path, f"cannot process: {exc}")
     return _Prepared(item, pixels, loaded.width, loaded.height, raw.size, raw.mtime_ns, print_, content)
-
-
-def _fills_cpu(encoder: Encoder) -> bool:
-    return bool(getattr(encoder, "fills_cpu", False))  # an encoder of the caller's may not say
 
 
 def _scan_all(folders: Sequence[str], report: IndexReport, stop: threading.Event) -> Iterator[tuple[FileEntry, str]]:
