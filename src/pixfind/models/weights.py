@@ -24,7 +24,7 @@ RANDOM_WEIGHTS_SEED = 0
 
 def known_models() -> list[str]:
     """open_clip's architectures, read from its config files: importing open_clip would import
-    torch (seconds and ~700 MB) just to check a name."""
+    torch (seconds, and much memory) just to check a name."""
     import importlib.util
 
     found = importlib.util.find_spec("open_clip")
