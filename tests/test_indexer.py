@@ -550,6 +550,5 @@ def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPa
     assert indexer.default_workers(SimpleNamespace(device="cuda:0", fills_cpu=False)) == 8  # GPU: CPU decodes
     assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=True)) == 8  # turns: all cores
     assert indexer.default_workers(SimpleNamespace(device="cpu", fills_cpu=False)) == 4  # beside a CPU model
-    assert indexer.default_workers(SimpleNamespace()) == 4  # an encoder of the caller's that does not say
     assert indexer.default_batch(SimpleNamespace(device="cuda:1")) == 256
-    assert indexer.default_batch(SimpleNamespace()) == 16
+    assert indexer.default_batch(SimpleNamespace(device="cpu")) == 16  # every Encoder says its device
