@@ -61,10 +61,12 @@ def test_runtime_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PIXFIND_THREADS", "3")
     for off in ("0", "false", "No", "off"):
         monkeypatch.setenv("PIXFIND_OPENVINO", off)
-        assert Settings.from_env().openvino is False, off
+        read = Settings.from_env()
+        assert (read.backend, read.openvino, read.ort_spin, read.threads) == ("onnx", False, True, 3), off
     monkeypatch.setenv("PIXFIND_OPENVINO", "1")
+    monkeypatch.setenv("PIXFIND_ORT_SPIN", "0")
     read = Settings.from_env()
-    assert (read.backend, read.openvino, read.ort_spin, read.threads) == ("onnx", True, True, 3)
+    assert (read.openvino, read.ort_spin) == (True, False)
     monkeypatch.setenv("PIXFIND_THREADS", "0")
     assert Settings.from_env().threads is None  # 0: one per core, as before
 
