@@ -30,15 +30,15 @@ STEPS = {
     "import open_clip": "import open_clip",
     "import pymilvus": "from pymilvus import MilvusClient",
     "torch path: build + 1 query": (
-        "import torch\nfrom pixfind.config import ModelSpec\nfrom pixfind.encoder import ClipEncoder\n"
+        "import torch\nfrom pixfind.config import ModelSpec\nfrom pixfind.models.torch_clip import ClipEncoder\n"
         "torch.set_num_threads(2)\n"
         "e = ClipEncoder(ModelSpec({model!r}, None), 'cpu')\ne.encode_texts(['a dog on a beach'])"
     ),
     "onnx path: load + 1 query": (
         "import time, json\nt0 = time.perf_counter()\n"
-        "from pixfind.config import ModelSpec\nfrom pixfind.textquery import load_text_encoder\n"
+        "from pixfind.config import ModelSpec, Settings\nfrom pixfind.models import load_query_encoder\n"
         "import onnxruntime\nt1 = time.perf_counter()\n"
-        "e = load_text_encoder(ModelSpec({model!r}, None))\nt2 = time.perf_counter()\n"
+        "e = load_query_encoder(ModelSpec({model!r}, None), Settings.from_env())\nt2 = time.perf_counter()\n"
         "v = e.encode_texts(['a dog on a beach'])\nt3 = time.perf_counter()\n"
         "print(json.dumps({{'imports': t1 - t0, 'load': t2 - t1, 'query': t3 - t2}}))"
     ),
@@ -102,7 +102,7 @@ def main() -> None:
         return
     sys.path.insert(0, SRC)
     from pixfind.config import ModelSpec
-    from pixfind.onnx_encoder import OnnxClipEncoder
+    from pixfind.models.onnx_runtime import OnnxClipEncoder
 
     enc = OnnxClipEncoder.open(ModelSpec(args.model, None))
     if enc is None:

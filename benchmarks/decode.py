@@ -33,7 +33,7 @@ _worker_pre = None
 
 def _init_worker(folder: str) -> None:
     global _worker_pre
-    from pixfind.onnx_encoder import OnnxClipEncoder
+    from pixfind.models.onnx_runtime import OnnxClipEncoder
 
     _worker_pre = OnnxClipEncoder(folder)  # preprocessing only: no session is created
 
@@ -90,10 +90,10 @@ def main() -> None:
     from photos import describe, photo_dir
 
     from pixfind.config import ModelSpec
-    from pixfind.encoder import ClipEncoder
     from pixfind.ingest.decode import load_image
-    from pixfind.onnx_encoder import OnnxClipEncoder, export
-    from pixfind.preprocess import normalise
+    from pixfind.models.export import export
+    from pixfind.models.onnx_runtime import OnnxClipEncoder
+    from pixfind.models.torch_clip import ClipEncoder
 
     spec = ModelSpec(args.model, None)
     tenc = ClipEncoder(spec, "cpu")
@@ -118,7 +118,7 @@ def main() -> None:
         def encode(batch):
             torch.set_num_threads(threads)
             if batch.dtype == np.uint8:  # pixfind's preprocessing: normalised where the model runs
-                batch = normalise(batch, ort[1]._mean, ort[1]._std)
+                batch = ort[1].normalisation.apply(batch)
             return tenc.encode_images(batch)
 
         return encode

@@ -5,7 +5,7 @@
 1. Cosine per image on real photos (the first ``--photos`` of benchmarks/photos.py, decoded as
    ``pixfind index`` decodes them): OpenVINO bf16 and f32 against ONNX Runtime's f32 (the
    reference of pixfind's export check), and bf16 against OpenVINO f32; also on the fixed sample
-   the check runs (``openvino_visual.parity_sample``), so its tolerance can be set from photos.
+   the check runs (``openvino_runtime.parity_sample``), so its tolerance can be set from photos.
 2. Top-10 overlap on a ``--set``-image collection: f32 vectors, bf16 vectors, and a mixed
    collection (every other image bf16, as when runs on two machines share an index), searched
    exactly (inner product, as Milvus Lite's FLAT index does) with ``--queries`` text queries
@@ -125,8 +125,7 @@ def derived_pixels(count: int, seed: int, image_size: int) -> np.ndarray:
     from photos import DATA, plan, source_photos
     from PIL import Image
 
-    from pixfind.encoder import draft_side_for
-    from pixfind.preprocess import resize_crop
+    from pixfind.models.pixels import draft_side_for, resize_crop
 
     draft_side = draft_side_for(image_size)
 
@@ -175,7 +174,7 @@ def nncf_int8(ort, photos: Path) -> Callable[[np.ndarray], np.ndarray] | None:
     from photos import DATA
 
     from pixfind.ingest.decode import load_image
-    from pixfind.openvino_visual import _keep_output, _taking_pixels
+    from pixfind.models.openvino_runtime import _keep_output, taking_pixels
 
     core = openvino.Core()
     target = DATA / f"int8-{ort.folder.name}-{nncf.__version__}.xml"
@@ -184,7 +183,7 @@ def nncf_int8(ort, photos: Path) -> Callable[[np.ndarray], np.ndarray] | None:
         calibration = [
             ort.preprocess(load_image(str(f), min_side=ort.draft_side).image)[None].astype(np.float32) for f in files
         ]
-        model = _taking_pixels(core.read_model(str(ort.folder / "visual.onnx")), ort._mean, ort._std)
+        model = taking_pixels(core.read_model(str(ort.folder / "visual.onnx")), ort.normalisation)
         started = time.perf_counter()
         quantised = nncf.quantize(
             model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration)
@@ -253,10 +252,11 @@ def main() -> None:
 
     from photos import describe, photo_dir
 
-    from pixfind.config import ModelSpec
+    from pixfind.config import ModelSpec, Settings
     from pixfind.ingest.decode import load_image
-    from pixfind.onnx_encoder import OnnxClipEncoder, load_encoder
-    from pixfind.openvino_visual import (
+    from pixfind.models.load import load_encoder
+    from pixfind.models.onnx_runtime import OnnxClipEncoder
+    from pixfind.models.openvino_runtime import (
         OpenVinoVisual,
         cpu_description,
         cpu_flags,
@@ -266,18 +266,18 @@ def main() -> None:
     )
 
     spec = ModelSpec(args.model, None)
-    base = load_encoder(spec, backend="onnx", precision="f32")
+    base = load_encoder(spec, Settings.from_env(backend="onnx", precision="f32"))
     folder = base.folder
     print(f"CPU {cpu_description()}; bf16 flags {native_bf16(cpu_flags()) or 'none'}; OpenVINO {version()}")
     print(f"export {folder}")
     ort = OnnxClipEncoder(folder, openvino=False)
-    runs: dict[str, Callable[[np.ndarray], np.ndarray]] = {"onnxruntime f32": ort._run_visual_ort}
+    runs: dict[str, Callable[[np.ndarray], np.ndarray]] = {"onnxruntime f32": ort.run_visual_ort}
     for precision in ("f32", "bf16"):
-        model = OpenVinoVisual(folder / "visual.onnx", ort.threads, ort._mean, ort._std, precision=precision)
+        model = OpenVinoVisual(folder / "visual.onnx", ort.threads, ort.normalisation, precision=precision)
         print(f"OpenVINO asked for {precision}: compiled {model.precision}")
         runs[f"openvino {precision}"] = model.run
     if args.int8:
-        runs["onnxruntime int8"] = OnnxClipEncoder(folder, int8=True, openvino=False)._run_visual_ort
+        runs["onnxruntime int8"] = OnnxClipEncoder(folder, int8=True, openvino=False).run_visual_ort
         nncf_run = nncf_int8(ort, photo_dir(1000))
         if nncf_run is not None:
             runs["openvino int8 nncf"] = nncf_run
@@ -294,7 +294,7 @@ def main() -> None:
     bf16_f32 = (vectors["openvino bf16"] * vectors["openvino f32"]).sum(1)
     print(f"  {'openvino bf16':18s} vs openvino f32:    {stats(bf16_f32)}")
     sample = parity_sample(ort.image_size)
-    ref = embed(ort._run_visual_ort, sample, "check")
+    ref = embed(ort.run_visual_ort, sample, "check")
     for name in ("openvino f32", "openvino bf16"):
         print(f"  check sample, {name} vs onnxruntime f32: {stats((embed(runs[name], sample, name) * ref).sum(1))}")
 
@@ -312,7 +312,7 @@ def yardstick(args: argparse.Namespace, ort, runs, base) -> None:
     from photos import photo_dir
 
     from pixfind.ingest.decode import load_image
-    from pixfind.openvino_visual import version
+    from pixfind.models.openvino_runtime import version
 
     files = sorted(photo_dir(max(1000, args.reference)).glob("*.jpg"))[: args.reference]
     members = files[args.queries :]  # the first --queries photos are the image queries
@@ -348,7 +348,7 @@ def yardstick(args: argparse.Namespace, ort, runs, base) -> None:
 
 
 def search(args: argparse.Namespace, ort, runs, base) -> None:
-    from pixfind.openvino_visual import version
+    from pixfind.models.openvino_runtime import version
 
     count = args.set
     print(f"\nderiving {count} images at {ort.image_size}px (photos.py recipes, seed 0) ...", file=sys.stderr)

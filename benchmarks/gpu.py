@@ -168,7 +168,7 @@ def decode_rates(encoder: Any, files: list[str], worker_counts: list[int]) -> di
     """Decode + preprocess images/s: threads with the whole torch transform (float32 on the CPU,
     as before), threads with pixfind's own preprocessing (uint8 for a GPU model), and torch-free
     processes with the uint8 preprocessing."""
-    from pixfind.preprocess import resize_crop
+    from pixfind.models.pixels import resize_crop
 
     side, cores = encoder.draft_side, max(worker_counts)
     rates: dict[str, float] = {}
@@ -293,8 +293,8 @@ def main() -> int:
         return 2
     from pixfind import ImageIndex
     from pixfind.config import ModelSpec, cpu_cores
-    from pixfind.encoder import ClipEncoder
     from pixfind.ingest.runner import default_workers
+    from pixfind.models.torch_clip import ClipEncoder
 
     spec = ModelSpec(args.model, None)
     began = time.perf_counter()

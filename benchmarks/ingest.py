@@ -227,7 +227,7 @@ def busy_process() -> Iterator[None]:
 
 def machine() -> str:
     """The CPU and what pixfind and OpenVINO make of it: the figures depend on all three."""
-    from pixfind.openvino_visual import choose_precision, cpu_description, cpu_flags, precision_name, version
+    from pixfind.models.openvino_runtime import choose_precision, cpu_description, cpu_flags, precision_name, version
 
     flags = cpu_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_fp16")
@@ -273,16 +273,17 @@ def main() -> None:
     from models import matmul_gflops, rate
     from photos import describe, photo_dir
 
-    from pixfind.config import ModelSpec, cpu_cores
+    from pixfind.config import ModelSpec, Settings, cpu_cores
     from pixfind.ingest.decode import load_image
-    from pixfind.onnx_encoder import OnnxClipEncoder, load_encoder
+    from pixfind.models.load import load_encoder
+    from pixfind.models.onnx_runtime import OnnxClipEncoder
 
     os.environ["PIXFIND_PRETRAINED"] = "none"
     os.environ.pop("PIXFIND_PRECISION", None)
     print(machine())
     spec = ModelSpec(args.model, None)
     t = time.perf_counter()
-    encoder = load_encoder(spec, backend="onnx")  # exports once (torch) if not cached
+    encoder = load_encoder(spec, Settings.from_env(backend="onnx"))  # exports once (torch) if not cached
     print(
         f"ONNX encoder ready in {time.perf_counter() - t:.1f} s ({type(encoder).__name__}, "
         f"threads {encoder.threads}, draft_side {encoder.draft_side}); export: {encoder.folder}"
@@ -313,12 +314,12 @@ def main() -> None:
     print(f"default image runtime: {encoder.image_runtime}, {encoder.image_precision} ({encoder.precision_reason})")
     openvino_runs: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if encoder.image_runtime == "openvino":  # the same model in each precision, and on one stream (before 2026-11-28)
-        from pixfind.openvino_visual import OpenVinoVisual
+        from pixfind.models.openvino_runtime import OpenVinoVisual
         from pixfind.vectors import unit_rows
 
         for name, precision, streams in (("f32", "f32", None), ("bf16", "bf16", None), ("f32 1 stream", "f32", 1)):
             model = OpenVinoVisual(
-                encoder.folder / "visual.onnx", encoder.threads, encoder._mean, encoder._std, streams, precision
+                encoder.folder / "visual.onnx", encoder.threads, encoder.normalisation, streams, precision
             )
             print(f"openvino {name}: compiled {model.precision}, {model.streams} stream(s)")
             openvino_runs[name] = lambda batch, model=model: unit_rows(model.run(batch))
@@ -328,13 +329,12 @@ def main() -> None:
     if not args.no_torch:
         import torch
 
-        from pixfind.encoder import ClipEncoder
-        from pixfind.preprocess import normalise
+        from pixfind.models.torch_clip import ClipEncoder
 
         torch.set_num_threads(2)
         tenc = ClipEncoder(spec, "cpu")
         # torch's CPU model takes its transform's float32 output: the same photos, normalised beforehand
-        torch_pixels = normalise(pixels, encoder._mean, encoder._std)
+        torch_pixels = encoder.normalisation.apply(pixels)
 
     results: dict[str, list[float]] = {}
     e2e_runs: list[dict] = []

@@ -51,7 +51,9 @@ class StandInEncoder:
     draft_side = 336
     fills_cpu = False
     device = "cpu"
-    backend = "stand-in"
+    image_precision = None
+    precision_reason = ""
+    image_runtime = None
 
     def __init__(self) -> None:
         self._rng = np.random.default_rng(0)

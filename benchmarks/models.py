@@ -93,10 +93,10 @@ def main() -> None:
     from photos import describe, photo_dir
 
     from pixfind.config import ModelSpec
-    from pixfind.encoder import ClipEncoder
     from pixfind.ingest.decode import load_image
-    from pixfind.onnx_encoder import OnnxClipEncoder, export
-    from pixfind.preprocess import normalise
+    from pixfind.models.export import export
+    from pixfind.models.onnx_runtime import OnnxClipEncoder
+    from pixfind.models.torch_clip import ClipEncoder
 
     torch.set_num_threads(args.threads)
     spec = ModelSpec(args.model, None)
@@ -187,7 +187,7 @@ def main() -> None:
         f"\nint8 vs fp32 cosine, {len(files)} photos: min {c.min():.4f} mean {c.mean():.4f}; "
         f"50 texts: min {ct.min():.4f} mean {ct.mean():.4f}"
     )
-    t = torch.from_numpy(normalise(px[:16], oenc._mean, oenc._std))  # preprocess gives uint8
+    t = torch.from_numpy(oenc.normalisation.apply(px[:16]))  # preprocess gives uint8
     with torch.inference_mode():
         ref = tenc.model.encode_image(t).numpy()
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)

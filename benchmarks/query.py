@@ -203,14 +203,15 @@ def main() -> None:
 
     os.environ["PIXFIND_PRETRAINED"] = "none"
     spec = ModelSpec(args.model, None)
-    from pixfind.textquery import load_text_encoder
+    from pixfind.config import Settings
+    from pixfind.models import load_query_encoder
 
-    if load_text_encoder(spec) is None:
-        from pixfind.onnx_encoder import load_encoder
+    if load_query_encoder(spec, Settings.from_env()) is None:
+        from pixfind.models import load_encoder
 
         print("no ONNX export yet: exporting (torch) ...", flush=True)
-        load_encoder(spec, backend="onnx")
-        assert load_text_encoder(spec) is not None
+        load_encoder(spec, Settings.from_env(backend="onnx"))
+        assert load_query_encoder(spec, Settings.from_env()) is not None
 
     work = Path(tempfile.mkdtemp(prefix="pixfind-query-"))
     dbs = {}

@@ -43,7 +43,7 @@ def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 def small_encoder():  # type: ignore[no-untyped-def]
     """ViT-S-32 with pixfind's seeded random weights, loaded once per test session."""
     from pixfind.config import ModelSpec
-    from pixfind.encoder import ClipEncoder, configure_threads
+    from pixfind.models.torch_clip import ClipEncoder, configure_threads
 
     configure_threads(2)
     return ClipEncoder(ModelSpec(SMALL_MODEL, None), "cpu")
@@ -53,13 +53,13 @@ def small_encoder():  # type: ignore[no-untyped-def]
 def onnx_cache(small_encoder, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
     """A cache folder holding ViT-S-32's ONNX export, made once per session, so child processes
     given it run pixfind's default CPU backend (ONNX Runtime / OpenVINO) without exporting again."""
-    from pixfind import onnx_encoder
+    from pixfind.models.export import export
 
     folder = tmp_path_factory.mktemp("onnx-cache")
     previous = os.environ.get("PIXFIND_CACHE_DIR")
     os.environ["PIXFIND_CACHE_DIR"] = str(folder)
     try:
-        onnx_encoder.export(small_encoder)
+        export(small_encoder)
     finally:
         if previous is None:
             os.environ.pop("PIXFIND_CACHE_DIR", None)

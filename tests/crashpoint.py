@@ -54,9 +54,9 @@ def _fire(action: str) -> None:
 def announce_the_runtime() -> None:
     """Say once, on stderr, what embedded the first batch (``torch``, ``onnxruntime`` or
     ``openvino``), so that a test knows which backend it exercised."""
-    import pixfind.onnx_encoder as onnx_encoder
+    import pixfind.models.load as load
 
-    real_load = onnx_encoder.load_encoder
+    real_load = load.load_encoder
 
     def load_encoder(*args, **kwargs):  # type: ignore[no-untyped-def]
         encoder = real_load(*args, **kwargs)
@@ -66,13 +66,13 @@ def announce_the_runtime() -> None:
             vectors = real_encode(pixels)
             if encoder.encode_images is encode_images:
                 encoder.encode_images = real_encode  # once is enough
-                _say(f"images embedded on {getattr(encoder, 'image_runtime', None) or 'torch'}")
+                _say(f"images embedded on {encoder.image_runtime or 'torch'}")
             return vectors
 
         encoder.encode_images = encode_images
         return encoder
 
-    onnx_encoder.load_encoder = load_encoder
+    load.load_encoder = load_encoder
 
 
 def install(point: str, count: int, action: str) -> None:
@@ -134,16 +134,16 @@ def install(point: str, count: int, action: str) -> None:
     elif point == "prune":
         _inside_prune(runner, reached, action)
     elif point == "model":
-        import pixfind.encoder as encoder
+        import pixfind.models.torch_clip as torch_clip
 
-        real_init = encoder.ClipEncoder.__init__
+        real_init = torch_clip.ClipEncoder.__init__
 
         def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             if reached():
                 _fire(action)
             real_init(self, *args, **kwargs)
 
-        encoder.ClipEncoder.__init__ = init
+        torch_clip.ClipEncoder.__init__ = init
     elif point != "never":
         raise SystemExit(f"unknown point {point}")
 

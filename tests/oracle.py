@@ -77,7 +77,7 @@ class Reference:
         import open_clip
         import torch
 
-        from pixfind.encoder import RANDOM_WEIGHTS_SEED  # defines the random weights, nothing else
+        from pixfind.models.weights import RANDOM_WEIGHTS_SEED  # defines the random weights, nothing else
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)

@@ -439,6 +439,8 @@ def test_an_ivf_index_left_by_a_killed_server_is_adopted_then_restored(
 class _SlowEncoder:
     """Stands in for a model: records whether a decode ever ran while it was embedding."""
 
+    device, image_size, image_precision, precision_reason, image_runtime = "cpu", 8, None, "", None
+
     def __init__(self, fills_cpu: bool) -> None:
         self.spec, self.dim, self.draft_side, self.fills_cpu = ModelSpec(SMALL_MODEL, None), 4, 336, fills_cpu
         self.busy = False
@@ -549,6 +551,5 @@ def test_decode_threads_follow_where_the_model_runs(monkeypatch: pytest.MonkeyPa
     assert runner.default_workers(SimpleNamespace(device="cuda:0", fills_cpu=False)) == 8  # GPU: CPU decodes
     assert runner.default_workers(SimpleNamespace(device="cpu", fills_cpu=True)) == 8  # turns: all cores
     assert runner.default_workers(SimpleNamespace(device="cpu", fills_cpu=False)) == 4  # beside a CPU model
-    assert runner.default_workers(SimpleNamespace()) == 4  # an encoder of the caller's that does not say
     assert runner.default_batch(SimpleNamespace(device="cuda:1")) == 256
-    assert runner.default_batch(SimpleNamespace()) == 16
+    assert runner.default_batch(SimpleNamespace(device="cpu")) == 16  # every Encoder says its device

@@ -128,6 +128,7 @@ from pixfind.config import ModelSpec
 
 class Model:
     spec, dim, draft_side = ModelSpec("test", None), 4, 32
+    device, fills_cpu, image_size, image_precision, precision_reason, image_runtime = "cpu", False, 8, None, "", None
     def preprocess(self, image):
         return np.zeros((3, 8, 8), dtype=np.float32)
     def encode_images(self, pixels):

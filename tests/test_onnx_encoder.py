@@ -17,13 +17,14 @@ pytest.importorskip("onnxruntime")
 open_clip = pytest.importorskip("open_clip")
 torch = pytest.importorskip("torch")
 
-from pixfind import onnx_encoder, openvino_visual  # noqa: E402
-from pixfind.cliptokenizer import ClipTokenizer, trim_padding  # noqa: E402
-from pixfind.config import ModelSpec  # noqa: E402
-from pixfind.encoder import ClipEncoder  # noqa: E402
-from pixfind.onnx_encoder import OnnxClipEncoder, export_dir, load_encoder  # noqa: E402
-from pixfind.preprocess import normalise  # noqa: E402
-from pixfind.textquery import load_text_encoder  # noqa: E402
+from pixfind.config import ModelSpec, Settings  # noqa: E402
+from pixfind.errors import ModelLoadError  # noqa: E402
+from pixfind.models import export as model_export  # noqa: E402
+from pixfind.models import openvino_runtime  # noqa: E402
+from pixfind.models.load import load_encoder, load_query_encoder  # noqa: E402
+from pixfind.models.onnx_runtime import OnnxClipEncoder, export_dir  # noqa: E402
+from pixfind.models.tokenizer import ClipTokenizer, trim_padding  # noqa: E402
+from pixfind.models.torch_clip import ClipEncoder  # noqa: E402
 
 SPEC = ModelSpec("ViT-S-32", None)
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -67,7 +68,7 @@ def _f32_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     tested in test_precision.py)."""
     monkeypatch.delenv("PIXFIND_PRECISION", raising=False)
     monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
-    monkeypatch.setattr(openvino_visual, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(openvino_runtime, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
 
 
 @pytest.fixture(autouse=True)
@@ -85,11 +86,16 @@ def torch_encoder(cache: Path, request: pytest.FixtureRequest) -> ClipEncoder:
 
 @pytest.fixture(scope="module")
 def onnx(torch_encoder: ClipEncoder) -> OnnxClipEncoder:
-    folder = onnx_encoder.export(torch_encoder)  # what load_encoder does on a cache miss
+    folder = model_export.export(torch_encoder)  # what load_encoder does on a cache miss
     assert folder == export_dir(SPEC)
-    encoder = load_encoder(SPEC, backend="onnx", threads=1)  # a hit now: no model is built
+    encoder = load_encoder(SPEC, _settings(backend="onnx"))  # a hit now: no model is built
     assert isinstance(encoder, OnnxClipEncoder)
     return encoder
+
+
+def _settings(**overrides: object) -> Settings:
+    """The settings a command would read from this environment, one thread for the model."""
+    return Settings.from_env(threads=1, **overrides)
 
 
 def _images() -> list[Image.Image]:
@@ -102,7 +108,13 @@ def _images() -> list[Image.Image]:
 
 
 def _pixels(torch_encoder: ClipEncoder) -> np.ndarray:
+    """open_clip's transform of :func:`_images`: what the torch encoder takes on the CPU (float32)."""
     return np.stack([torch_encoder.preprocess(img) for img in _images()])
+
+
+def _uint8(onnx: OnnxClipEncoder) -> np.ndarray:
+    """:func:`_images` as the exported runtimes take them (uint8)."""
+    return np.stack([onnx.preprocess(img) for img in _images()])
 
 
 def test_interface(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder, tmp_path: Path) -> None:
@@ -126,23 +138,24 @@ def test_preprocess_equals_open_clip(onnx: OnnxClipEncoder, torch_encoder: ClipE
         ours = onnx.preprocess(img)
         theirs = torch_encoder.preprocess(img)
         assert ours.dtype == np.uint8 and ours.shape == theirs.shape == (3, 224, 224)
-        assert np.abs(normalise(ours, onnx._mean, onnx._std) - theirs).max() < 1e-6
+        assert np.abs(onnx.normalisation.apply(ours) - theirs).max() < 1e-6
 
 
-@pytest.mark.parametrize("openvino", [False, None], ids=["onnxruntime", "default"])
-def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder, openvino: bool | None) -> None:
-    """From uint8 (preprocess) and from normalised float32 (open_clip's transform), on both runtimes."""
+@pytest.mark.parametrize("openvino", [False, True], ids=["onnxruntime", "default"])
+def test_image_parity(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder, openvino: bool) -> None:
+    """uint8 pixels from preprocess, on both runtimes, give torch's vectors of open_clip's transform."""
     encoder = OnnxClipEncoder(onnx.folder, threads=2, openvino=openvino)
     ours = np.stack([encoder.preprocess(img) for img in _images()])
     theirs = _pixels(torch_encoder)
     for size in (1, 3, len(ours)):
         a = torch_encoder.encode_images(theirs[:size])
-        for batch in (ours[:size], theirs[:size]):
-            b = encoder.encode_images(batch)
-            assert b.dtype == np.float32 and b.shape == (size, 384)
-            assert np.abs(a - b).max() < 1e-4
-            assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
+        b = encoder.encode_images(ours[:size])
+        assert b.dtype == np.float32 and b.shape == (size, 384)
+        assert np.abs(a - b).max() < 1e-4
+        assert np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-5)
     assert encoder.encode_images(ours[:0]).shape == (0, 384)  # an empty batch: no vectors, no error
+    with pytest.raises(ValueError, match="uint8"):  # the one pixel contract: no float32 input
+        encoder.encode_images(theirs[:1])
 
 
 def test_text_parity_with_full_length_torch(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
@@ -200,16 +213,16 @@ def test_cache_reused_without_export_or_torch(onnx: OnnxClipEncoder, monkeypatch
     def no_export(*args, **kwargs):
         raise AssertionError("export called although the cache has it")
 
-    monkeypatch.setattr(onnx_encoder, "export", no_export)
-    again = load_encoder(SPEC, backend="auto", threads=1)
+    monkeypatch.setattr(model_export, "export", no_export)
+    again = load_encoder(SPEC, _settings(backend="auto"))
     assert isinstance(again, OnnxClipEncoder)
     assert again.folder == onnx.folder
     # a fresh process: query path imports neither torch nor open_clip
     script = (
         "import sys\n"
-        "from pixfind.config import ModelSpec\n"
-        "from pixfind.textquery import load_text_encoder\n"
-        "enc = load_text_encoder(ModelSpec('ViT-S-32', None))\n"
+        "from pixfind.config import ModelSpec, Settings\n"
+        "from pixfind.models import load_query_encoder\n"
+        "enc = load_query_encoder(ModelSpec('ViT-S-32', None), Settings.from_env())\n"
         "v = enc.encode_texts(['a dog'])\n"
         "print(v.shape, 'torch' in sys.modules, 'open_clip' in sys.modules)\n"
     )
@@ -217,7 +230,7 @@ def test_cache_reused_without_export_or_torch(onnx: OnnxClipEncoder, monkeypatch
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["(1,", "384)", "False", "False"]
-    encoder = load_text_encoder(SPEC)
+    encoder = load_query_encoder(SPEC, _settings())
     expected = onnx.encode_texts(["a dog"])
     assert np.abs(encoder.encode_texts(["a dog"]) - expected).max() < 1e-6
     # a query image: the same vector, on one OpenVINO stream with every thread (latency, not throughput)
@@ -230,7 +243,7 @@ def test_cache_reused_without_export_or_torch(onnx: OnnxClipEncoder, monkeypatch
 
 def test_no_export_means_no_text_encoder(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PIXFIND_CACHE_DIR", str(tmp_path))
-    assert load_text_encoder(SPEC) is None
+    assert load_query_encoder(SPEC, _settings()) is None
     assert OnnxClipEncoder.open(SPEC) is None
 
 
@@ -240,17 +253,17 @@ def test_export_failure_falls_back_to_torch(tmp_path: Path, monkeypatch, caplog)
     def broken(*args, **kwargs):
         raise RuntimeError("simulated exporter bug")
 
-    monkeypatch.setattr(onnx_encoder, "_export", broken)
+    monkeypatch.setattr(model_export, "_export", broken)
     said: list[str] = []
     with caplog.at_level("WARNING"):
-        encoder = load_encoder(SPEC, backend="auto", threads=1, status=said.append)
+        encoder = load_encoder(SPEC, _settings(backend="auto"), status=said.append)
     assert isinstance(encoder, ClipEncoder)
     assert said and said[-1].startswith("preparing ViT-S-32 for this CPU, once")  # what a first run waits for
     assert "simulated exporter bug" in caplog.text
     assert not (export_dir(SPEC) / "meta.json").exists()
     assert not list(export_dir(SPEC).parent.glob(".*.tmp"))  # no half-written folder left
     with pytest.raises(Exception, match="simulated exporter bug"):
-        load_encoder(SPEC, backend="onnx", threads=1)  # recorded: not retried, reason given
+        load_encoder(SPEC, _settings(backend="onnx"))  # recorded: not retried, reason given
 
 
 @pytest.mark.parametrize("message", ["", "  \n "])
@@ -261,15 +274,15 @@ def test_export_failure_without_a_message_falls_back_to_torch(tmp_path: Path, mo
     def broken(*args, **kwargs):
         raise RuntimeError(message)
 
-    monkeypatch.setattr(onnx_encoder, "_export", broken)
-    assert isinstance(load_encoder(SPEC, backend="auto", threads=1), ClipEncoder)
-    with pytest.raises(onnx_encoder.ModelLoadError, match=r"failed: RuntimeError$"):
-        load_encoder(SPEC, backend="onnx", threads=1)
+    monkeypatch.setattr(model_export, "_export", broken)
+    assert isinstance(load_encoder(SPEC, _settings(backend="auto")), ClipEncoder)
+    with pytest.raises(ModelLoadError, match=r"failed: RuntimeError$"):
+        load_encoder(SPEC, _settings(backend="onnx"))
 
 
 def test_int8_is_opt_in_and_close(onnx: OnnxClipEncoder, torch_encoder: ClipEncoder) -> None:
     int8 = OnnxClipEncoder(onnx.folder, threads=1, int8=True)
-    pixels = _pixels(torch_encoder)
+    pixels = _uint8(onnx)
     cos = (int8.encode_images(pixels) * onnx.encode_images(pixels)).sum(1)
     assert cos.min() > 0.95
     assert not onnx.int8 and (onnx.folder / "visual.int8.onnx").is_file()
@@ -281,15 +294,14 @@ def test_int8_is_opt_in_and_close(onnx: OnnxClipEncoder, torch_encoder: ClipEnco
 @pytest.fixture
 def fresh_record(onnx: OnnxClipEncoder) -> Path:
     """Each test starts with no OpenVINO check recorded for the shared export."""
-    record = onnx.folder / openvino_visual.RECORD
+    record = onnx.folder / openvino_runtime.RECORD
     record.unlink(missing_ok=True)
     yield record
     record.unlink(missing_ok=True)
 
 
 def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_record, monkeypatch) -> None:
-    """Two streams (two threads): batches split evenly or not, and a single image, from uint8 and
-    from float32 input, in the order given."""
+    """Two streams (two threads): batches split evenly or not, and a single image, in the order given."""
     pytest.importorskip("openvino")
     monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
     images = _images() * 3  # 21: splits 1, 2+1, 4+3 (two streams), 7+7+7 (over CHUNK)
@@ -299,16 +311,15 @@ def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_reco
     ort_only = OnnxClipEncoder(onnx.folder, threads=2, openvino=False)
     for size in (1, 3, 7, 21):
         reference = torch_encoder.encode_images(floats[:size])
-        for batch in (pixels[:size], floats[:size]):
-            a, b = ov.encode_images(batch), ort_only.encode_images(batch)
-            assert a.shape == b.shape == (size, 384) and a.dtype == np.float32
-            assert np.abs(a - b).max() < 1e-4
-            assert np.abs(a - reference).max() < 1e-4
+        a, b = ov.encode_images(pixels[:size]), ort_only.encode_images(pixels[:size])
+        assert a.shape == b.shape == (size, 384) and a.dtype == np.float32
+        assert np.abs(a - b).max() < 1e-4
+        assert np.abs(a - reference).max() < 1e-4
     assert (ov.image_runtime, ort_only.image_runtime) == ("openvino", "onnxruntime")
     assert ov._run_visual.__self__.streams == 2
     assert "visual" not in ov._sessions  # the check's ONNX Runtime session is not kept
     record = json.loads(fresh_record.read_text())
-    assert record["checks"]["f32"]["ok"] and record["openvino"] == openvino_visual.version()
+    assert record["checks"]["f32"]["ok"] and record["openvino"] == openvino_runtime.version()
 
     # checked once: the next encoder trusts the record and never builds an ONNX Runtime session
     again = OnnxClipEncoder(onnx.folder, threads=1)
@@ -317,24 +328,24 @@ def test_openvino_embeds_images_like_onnxruntime(onnx, torch_encoder, fresh_reco
     assert again.image_runtime == "openvino"
 
     # a record of an older runner (other compiled model or input) is checked afresh
-    fresh_record.write_text(json.dumps({**record, "runner": openvino_visual.RUNNER - 1}))
+    fresh_record.write_text(json.dumps({**record, "runner": openvino_runtime.RUNNER - 1}))
     older = OnnxClipEncoder(onnx.folder, threads=1)
     calls = []
-    real = older._run_visual_ort
-    monkeypatch.setattr(older, "_run_visual_ort", lambda batch: calls.append(len(batch)) or real(batch))
+    real = older.run_visual_ort
+    monkeypatch.setattr(older, "run_visual_ort", lambda batch: calls.append(len(batch)) or real(batch))
     older.encode_images(pixels[:1])
-    assert calls == [openvino_visual.PARITY_BATCH] and older.image_runtime == "openvino"
-    assert json.loads(fresh_record.read_text())["runner"] == openvino_visual.RUNNER
+    assert calls == [openvino_runtime.PARITY_BATCH] and older.image_runtime == "openvino"
+    assert json.loads(fresh_record.read_text())["runner"] == openvino_runtime.RUNNER
 
 
 def test_openvino_switch_and_int8_stay_on_onnxruntime(onnx, torch_encoder, fresh_record, monkeypatch) -> None:
-    pixels = _pixels(torch_encoder)[:2]
+    pixels = _uint8(onnx)[:2]
     monkeypatch.setenv("PIXFIND_OPENVINO", "0")
-    off = OnnxClipEncoder(onnx.folder, threads=1)
+    off = load_encoder(SPEC, _settings(backend="onnx"))
     off.encode_images(pixels)
     assert off.image_runtime == "onnxruntime" and not fresh_record.exists()
     monkeypatch.delenv("PIXFIND_OPENVINO")
-    int8 = OnnxClipEncoder(onnx.folder, threads=1, int8=True)
+    int8 = load_encoder(SPEC, _settings(backend="onnx"), int8=True)
     int8.encode_images(pixels)
     assert int8.image_runtime == "onnxruntime"
 
@@ -342,19 +353,19 @@ def test_openvino_switch_and_int8_stay_on_onnxruntime(onnx, torch_encoder, fresh
 def test_openvino_mismatch_is_recorded_and_not_used(onnx, torch_encoder, fresh_record, monkeypatch, caplog) -> None:
     pytest.importorskip("openvino")
     monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
-    pixels = _pixels(torch_encoder)[:2]
+    pixels, floats = _uint8(onnx)[:2], _pixels(torch_encoder)[:2]
     first = OnnxClipEncoder(onnx.folder, threads=1)
-    real = first._run_visual_ort
-    monkeypatch.setattr(first, "_run_visual_ort", lambda batch: real(batch)[:, ::-1].copy())  # a wrong answer
+    real = first.run_visual_ort
+    monkeypatch.setattr(first, "run_visual_ort", lambda batch: real(batch)[:, ::-1].copy())  # a wrong answer
     with caplog.at_level("WARNING"):
         first.encode_images(pixels)
     assert first.image_runtime == "onnxruntime" and "differs from ONNX Runtime" in caplog.text
     assert json.loads(fresh_record.read_text())["checks"]["f32"]["ok"] is False
 
     # not retried for this OpenVINO version and export: no compile at all
-    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", lambda *a, **k: pytest.fail("compiled again"))
+    monkeypatch.setattr(openvino_runtime, "OpenVinoVisual", lambda *a, **k: pytest.fail("compiled again"))
     second = OnnxClipEncoder(onnx.folder, threads=1)
-    assert np.abs(second.encode_images(pixels) - torch_encoder.encode_images(pixels)).max() < 1e-4
+    assert np.abs(second.encode_images(pixels) - torch_encoder.encode_images(floats)).max() < 1e-4
     assert second.image_runtime == "onnxruntime"
 
     # a new export (other files) is checked afresh
@@ -374,13 +385,13 @@ def test_openvino_compile_failure_falls_back(onnx, torch_encoder, fresh_record, 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated plugin failure\nsecond line")
 
-    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", broken)
-    pixels = _pixels(torch_encoder)[:2]
+    monkeypatch.setattr(openvino_runtime, "OpenVinoVisual", broken)
+    pixels, floats = _uint8(onnx)[:2], _pixels(torch_encoder)[:2]
     encoder = OnnxClipEncoder(onnx.folder, threads=1)
     with caplog.at_level("WARNING"):
         vectors = encoder.encode_images(pixels)
     assert encoder.image_runtime == "onnxruntime" and "simulated plugin failure" in caplog.text
-    assert np.abs(vectors - torch_encoder.encode_images(pixels)).max() < 1e-4
+    assert np.abs(vectors - torch_encoder.encode_images(floats)).max() < 1e-4
     assert "compile" in json.loads(fresh_record.read_text())["checks"]["f32"]["reason"]
 
 
@@ -397,7 +408,7 @@ def test_cuda_asked_for_is_refused_on_the_torch_free_query_path(onnx, index_fact
         idx.add(photos[0].parent)
     server_manager_instance.release_server(lite_uri)
     with ImageIndex(uri=lite_uri, device="cuda") as fresh:
-        assert load_text_encoder(fresh.model_spec()) is not None  # the torch-free path is there
+        assert load_query_encoder(fresh.model_spec(), fresh.settings) is not None  # the torch-free path is there
         if torch.cuda.is_available():
             assert len(fresh.search("a dog")) == 2
         else:

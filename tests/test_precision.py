@@ -20,15 +20,16 @@ pytest.importorskip("open_clip")
 
 from conftest import draw_photo
 
-from pixfind import onnx_encoder, openvino_visual
 from pixfind.cli import main
 from pixfind.config import ModelSpec, Settings
-from pixfind.encoder import ClipEncoder
 from pixfind.errors import PixfindError
-from pixfind.onnx_encoder import OnnxClipEncoder, export
-from pixfind.openvino_visual import choose_precision
+from pixfind.models import load, onnx_runtime, openvino_runtime
+from pixfind.models.export import export
+from pixfind.models.onnx_runtime import OnnxClipEncoder
+from pixfind.models.openvino_runtime import choose_precision
+from pixfind.models.torch_clip import ClipEncoder
 
-REAL_OPENVINO = openvino_visual.OpenVinoVisual
+REAL_OPENVINO = openvino_runtime.OpenVinoVisual
 SPEC = ModelSpec("ViT-S-32", None)
 ZEN4 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"})
 SAPPHIRE_RAPIDS = frozenset({"avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"})
@@ -72,8 +73,8 @@ def test_cpu_flags_are_read_from_proc_cpuinfo(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(
         "builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k)
     )
-    assert {"avx512_bf16", "amx_bf16", "fpu"} <= openvino_visual.cpu_flags()
-    assert openvino_visual.cpu_description() == "Some CPU (avx512_bf16+amx_bf16)"
+    assert {"avx512_bf16", "amx_bf16", "fpu"} <= openvino_runtime.cpu_flags()
+    assert openvino_runtime.cpu_description() == "Some CPU (avx512_bf16+amx_bf16)"
     assert choose_precision("auto").precision == "bf16"
 
 
@@ -111,7 +112,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, small_encoder: ClipEncode
 @pytest.fixture
 def folder(exported: Path) -> Path:
     """The shared export, with no OpenVINO check recorded yet."""
-    (exported / openvino_visual.RECORD).unlink(missing_ok=True)
+    (exported / openvino_runtime.RECORD).unlink(missing_ok=True)
     return exported
 
 
@@ -120,7 +121,7 @@ def cpu(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Injects the CPU's flags: ``cpu(ZEN4)``."""
     monkeypatch.delenv("PIXFIND_PRECISION", raising=False)
     monkeypatch.delenv("PIXFIND_OPENVINO", raising=False)
-    return lambda flags: monkeypatch.setattr(openvino_visual, "cpu_flags", lambda: flags)
+    return lambda flags: monkeypatch.setattr(openvino_runtime, "cpu_flags", lambda: flags)
 
 
 @pytest.fixture
@@ -133,7 +134,7 @@ def asked(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(precision)
         return real(*args, precision=precision, **kwargs)
 
-    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", recording)
+    monkeypatch.setattr(openvino_runtime, "OpenVinoVisual", recording)
     return calls
 
 
@@ -169,7 +170,7 @@ def test_with_bf16_arithmetic_auto_asks_for_bf16(folder, small_encoder, cpu, ask
     if "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         assert encoder.image_precision == "bf16"
         assert asked == ["bf16"] and encoder.precision_reason == "auto: the CPU has avx512_bf16"
-        assert (vectors * reference).sum(axis=1).min() >= openvino_visual.BF16_MIN_COSINE
+        assert (vectors * reference).sum(axis=1).min() >= openvino_runtime.BF16_MIN_COSINE
         assert np.abs(vectors - reference).max() > 1e-5  # really computed in bf16, not f32
     else:
         assert asked == ["bf16", "f32"] and "computes f32 on this CPU" in encoder.precision_reason
@@ -179,12 +180,12 @@ def test_with_bf16_arithmetic_auto_asks_for_bf16(folder, small_encoder, cpu, ask
 def test_forced_precisions(folder, small_encoder, cpu, asked, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     cpu(ZEN4)
     monkeypatch.setenv("PIXFIND_PRECISION", "f32")
-    encoder = OnnxClipEncoder(folder, threads=1)
+    encoder = OnnxClipEncoder(folder, threads=1, precision=Settings.from_env().precision)
     pixels, reference = photos(encoder, small_encoder, 2)
     assert np.abs(encoder.encode_images(pixels) - reference).max() < 1e-4
     assert (asked, encoder.image_precision, encoder.precision_reason) == (["f32"], "f32", "precision set to f32")
     cpu(ICE_LAKE)
-    forced = OnnxClipEncoder(folder, threads=1, precision="bf16")  # the argument beats the environment
+    forced = OnnxClipEncoder(folder, threads=1, precision="bf16")  # forced where the CPU lacks bf16
     forced.encode_images(pixels)
     assert asked[1] == "bf16"
 
@@ -213,7 +214,7 @@ class DriftingBf16(REAL_OPENVINO):
 def test_bf16_that_fails_its_check_falls_back_to_f32(folder, small_encoder, cpu, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     cpu(ZEN4)
     DriftingBf16.compiled = []
-    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", DriftingBf16)
+    monkeypatch.setattr(openvino_runtime, "OpenVinoVisual", DriftingBf16)
     encoder = OnnxClipEncoder(folder, threads=2)
     pixels, reference = photos(encoder, small_encoder)
     with caplog.at_level(logging.WARNING):
@@ -224,7 +225,7 @@ def test_bf16_that_fails_its_check_falls_back_to_f32(folder, small_encoder, cpu,
     assert np.abs(vectors - reference).max() < 1e-4  # the f32 model's vectors
     assert (encoder.image_runtime, encoder.image_precision) == ("openvino", "f32")
     assert encoder.precision_reason.startswith("bf16 failed its check: min cosine")
-    checks = json.loads((folder / openvino_visual.RECORD).read_text())["checks"]
+    checks = json.loads((folder / openvino_runtime.RECORD).read_text())["checks"]
     assert (checks["bf16"]["ok"], checks["f32"]["ok"]) == (False, True)
     assert DriftingBf16.compiled == ["bf16", "f32"]
 
@@ -237,17 +238,17 @@ def test_bf16_that_fails_its_check_falls_back_to_f32(folder, small_encoder, cpu,
     assert DriftingBf16.compiled == ["bf16", "f32", "f32"] and not caplog.records
     assert again.image_precision == "f32" and again.precision_reason.startswith("bf16 failed its check")
     monkeypatch.delenv("PIXFIND_BACKEND", raising=False)
-    monkeypatch.setattr(onnx_encoder, "export_dir", lambda spec: folder)
-    precision, reason = onnx_encoder.planned_image_precision(SPEC, "auto")  # what `pixfind info` says
+    monkeypatch.setattr(load, "export_dir", lambda spec: folder)
+    precision, reason = load.planned_image_precision(SPEC, Settings.from_env())  # what `pixfind info` says
     assert precision == "f32" and reason == again.precision_reason
 
     # another CPU (or OpenVINO version) checks afresh; the f32 result is kept beside it
-    record = json.loads((folder / openvino_visual.RECORD).read_text())
-    (folder / openvino_visual.RECORD).write_text(json.dumps({**record, "cpu": "another CPU"}))
-    monkeypatch.setattr(openvino_visual, "OpenVinoVisual", REAL_OPENVINO)
+    record = json.loads((folder / openvino_runtime.RECORD).read_text())
+    (folder / openvino_runtime.RECORD).write_text(json.dumps({**record, "cpu": "another CPU"}))
+    monkeypatch.setattr(openvino_runtime, "OpenVinoVisual", REAL_OPENVINO)
     third = OnnxClipEncoder(folder, threads=2)
     third.encode_images(pixels)
-    assert json.loads((folder / openvino_visual.RECORD).read_text())["cpu"] == openvino_visual.cpu_description()
+    assert json.loads((folder / openvino_runtime.RECORD).read_text())["cpu"] == openvino_runtime.cpu_description()
 
 
 def test_a_passed_check_is_recorded_per_precision(folder, small_encoder, cpu, asked) -> None:  # type: ignore[no-untyped-def]
@@ -255,11 +256,11 @@ def test_a_passed_check_is_recorded_per_precision(folder, small_encoder, cpu, as
     encoder = OnnxClipEncoder(folder, threads=1)
     pixels, _ = photos(encoder, small_encoder, 1)
     encoder.encode_images(pixels)
-    record = json.loads((folder / openvino_visual.RECORD).read_text())
+    record = json.loads((folder / openvino_runtime.RECORD).read_text())
     assert list(record["checks"]) == ["f32"] and record["checks"]["f32"]["ok"] is True
-    assert record["cpu"] == openvino_visual.cpu_description() and record["runner"] == openvino_visual.RUNNER
+    assert record["cpu"] == openvino_runtime.cpu_description() and record["runner"] == openvino_runtime.RUNNER
     OnnxClipEncoder(folder, threads=1, precision="bf16").encode_images(pixels)
-    checks = json.loads((folder / openvino_visual.RECORD).read_text())["checks"]
+    checks = json.loads((folder / openvino_runtime.RECORD).read_text())["checks"]
     assert set(checks) == {"f32", "bf16"} and checks["f32"]["ok"] is True  # the f32 result stays
 
 
@@ -293,7 +294,7 @@ def test_cli_summary_report_and_info_say_the_precision(make_images, tmp_path, mo
     """Through the command line with the default torch backend of the tests (f32 on the CPU)."""
     make_images(tmp_path / "photos", 2)
     uri, report = str(tmp_path / "c.db"), tmp_path / "report.json"
-    monkeypatch.setattr(openvino_visual, "cpu_flags", lambda: ZEN4)
+    monkeypatch.setattr(openvino_runtime, "cpu_flags", lambda: ZEN4)
     code = main(["index", str(tmp_path / "photos"), "--uri", uri, "--report", str(report), "--precision", "f32"])
     err = capsys.readouterr().err
     assert code == 0 and "images embedded in f32 (torch on cpu)" in err
@@ -325,7 +326,7 @@ def test_the_setting_reaches_both_encoders(folder, cpu, monkeypatch, tmp_path) -
     cpu(ZEN4)
     monkeypatch.setenv("PIXFIND_BACKEND", "onnx")
     monkeypatch.setenv("PIXFIND_PRECISION", "bf16")
-    monkeypatch.setattr(onnx_encoder, "export_dir", lambda spec: folder)
+    monkeypatch.setattr(onnx_runtime, "export_dir", lambda spec: folder)
     with ImageIndex(uri=str(tmp_path / "s.db"), model=SPEC, precision="F32") as idx:
         assert idx.settings.precision == "f32"
         assert idx.query_encoder().precision_setting == "f32"  # the torch-free query encoder, loaded first

@@ -95,7 +95,7 @@ class ImageIndex:
     @property
     def encoder(self) -> Encoder:
         """The full model for indexing: the exported ONNX towers on CPU (checked against torch;
-        images on OpenVINO, see :mod:`pixfind.openvino_visual`), torch on CUDA or when the export
+        images on OpenVINO, see :mod:`pixfind.models.openvino_runtime`), torch on CUDA or when the export
         is not possible (``PIXFIND_BACKEND`` overrides)."""
         return self.load_encoder()
 
@@ -104,12 +104,9 @@ class ImageIndex:
         downloading its weights, exporting it for the CPU on a first run)."""
         with self._encoder_lock:
             if self._encoder is None:
-                from .onnx_encoder import load_encoder
+                from .models.load import load_encoder
 
-                spec = self.model_spec()
-                self._encoder = load_encoder(
-                    spec, device=self.settings.device, status=status, precision=self.settings.precision
-                )
+                self._encoder = load_encoder(self.model_spec(), self.settings, status=status)
             info = self.store.info()
             if info is not None:
                 check_same_model(info, self._encoder.spec, self._encoder.dim, self.settings.collection)
@@ -122,11 +119,11 @@ class ImageIndex:
         if self._encoder is not None:
             return self._encoder
         if self._query_encoder is None:
-            from .encoder import check_device
-            from .textquery import load_text_encoder
+            from .models.load import load_query_encoder
+            from .models.torch_clip import check_device
 
             check_device(self.settings.device)  # the ONNX text tower runs on the CPU: refuse as indexing does
-            self._query_encoder = load_text_encoder(self.model_spec(), precision=self.settings.precision)
+            self._query_encoder = load_query_encoder(self.model_spec(), self.settings)
         return self._query_encoder if self._query_encoder is not None else self.encoder
 
     def _query_encoder_soon(self) -> Callable[[], Encoder]:
@@ -136,13 +133,13 @@ class ImageIndex:
         torch's global random generator, which must not happen behind the caller's back.)"""
         if self._encoder is not None or self._query_encoder is not None:
             return self.query_encoder
-        from .encoder import check_device
-        from .textquery import load_text_encoder
+        from .models.load import load_query_encoder
+        from .models.torch_clip import check_device
 
         spec = self.model_spec()  # a model mismatch fails here, in the caller's thread
         check_device(self.settings.device)  # and a device this machine lacks
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixfind-query-encoder")
-        loading = pool.submit(load_text_encoder, spec, precision=self.settings.precision)
+        loading = pool.submit(load_query_encoder, spec, self.settings)
         pool.shutdown(wait=False)
 
         def ready() -> Encoder:
@@ -170,7 +167,8 @@ class ImageIndex:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
         spec = self.model_spec()  # fail early on a model mismatch, before scanning
         if self._encoder is None:
-            from .encoder import check_device, check_model_name
+            from .models.torch_clip import check_device
+            from .models.weights import check_model_name
 
             check_device(self.settings.device)  # as a search would, even when no image is new
             if self.store.info() is None:
@@ -255,9 +253,9 @@ class ImageIndex:
 
     def _cpu_precision(self, spec: ModelSpec | None) -> dict[str, str]:
         """What an index run on this machine's CPU would embed images in, and why (no model loaded)."""
-        from .onnx_encoder import planned_image_precision
+        from .models.load import planned_image_precision
 
-        precision, reason = planned_image_precision(spec or self.settings.model or ModelSpec(), self.settings.precision)
+        precision, reason = planned_image_precision(spec or self.settings.model or ModelSpec(), self.settings)
         return {"precision": precision, "reason": reason}
 
     def drop(self) -> None:
@@ -327,10 +325,9 @@ def _spec_from_args(
 
 def _precision_of(encoder: Encoder) -> tuple[str | None, str]:
     """What ``encoder``'s image model computed in, and why, with the runtime named."""
-    precision = getattr(encoder, "image_precision", None)
-    reason = getattr(encoder, "precision_reason", "")
-    runtime = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}.get(getattr(encoder, "image_runtime", None) or "")
-    return precision, f"{runtime}; {reason}" if runtime and reason else runtime or reason
+    reason = encoder.precision_reason
+    runtime = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}.get(encoder.image_runtime or "")
+    return encoder.image_precision, f"{runtime}; {reason}" if runtime and reason else runtime or reason
 
 
 def _disk_size(uri: str) -> int:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .config import Settings, precision_from
+from .config import Settings, debug_enabled, precision_from
 from .errors import PixfindError
 from .limits import DEFAULT_RESULTS, MAX_RESULTS
 
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print("pixfind: interrupted", markup=False)
         return 130
     except Exception as exc:
-        if os.environ.get("PIXFIND_DEBUG"):
+        if debug_enabled():
             raise
         _say(f"pixfind: internal error: {type(exc).__name__}: {exc} (set PIXFIND_DEBUG=1 for details)")
         return 70

@@ -29,9 +29,14 @@ ENV_CACHE = "PIXFIND_CACHE_DIR"
 ENV_DATA = "PIXFIND_DATA_DIR"
 ENV_SEARCH_EF = "PIXFIND_SEARCH_EF"
 ENV_PRECISION = "PIXFIND_PRECISION"
+ENV_BACKEND = "PIXFIND_BACKEND"
+ENV_OPENVINO = "PIXFIND_OPENVINO"
+ENV_ORT_SPIN = "PIXFIND_ORT_SPIN"
+ENV_THREADS = "PIXFIND_THREADS"
+ENV_DEBUG = "PIXFIND_DEBUG"
 
 #: What the CPU image model computes in: ``auto`` (bf16 where the CPU has bf16 arithmetic in
-#: hardware, else f32), or ``f32`` / ``bf16`` forced (see pixfind.openvino_visual).
+#: hardware, else f32), or ``f32`` / ``bf16`` forced (see pixfind.models.openvino_runtime).
 PRECISIONS = ("auto", "f32", "bf16")
 
 #: Default search effort on a Milvus server (HNSW ``ef``): recall@10 >= 0.98 on clustered
@@ -119,9 +124,32 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def inference_threads() -> int:
-    """Threads for the model: ``$PIXFIND_THREADS``, else one per core."""
-    return int(os.environ.get("PIXFIND_THREADS", "0")) or cpu_cores()
+def threads_from(value: object, source: str = ENV_THREADS) -> int | None:
+    """A validated thread count for the model: a whole number, 0 (or empty) for one per core (None)."""
+    text = str(value).strip()
+    try:
+        threads = int(text or "0")
+    except ValueError:
+        threads = -1
+    if threads < 0:
+        from .errors import PixfindError
+
+        raise PixfindError(f"{source} must be a whole number of threads (0: one per core), not {value!r}")
+    return threads or None
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """A yes/no variable: unset or empty gives ``default``; 0, false, no, off are no."""
+    value = _env(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def debug_enabled() -> bool:
+    """``$PIXFIND_DEBUG``: internal errors show their traceback. Read when one happens, apart
+    from :class:`Settings`: a broken setting must not hide the error being reported."""
+    return _env(ENV_DEBUG) is not None
 
 
 def _env(name: str) -> str | None:
@@ -177,6 +205,10 @@ class Settings:
     draft: bool = True  # reduced-size JPEG decoding
     search_ef: int | None = None  # server search effort (HNSW ef); None: $PIXFIND_SEARCH_EF or default
     precision: str = "auto"  # CPU image model: auto, f32 or bf16 (see PRECISIONS)
+    backend: str = "auto"  # model runtime: auto (ONNX Runtime on CPU, torch on GPU), onnx or torch
+    openvino: bool = True  # images on OpenVINO where it is installed and matches ONNX Runtime
+    ort_spin: bool = False  # ONNX Runtime's threads spin between runs (costs others the core)
+    threads: int | None = None  # model threads; None: one per core
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -196,5 +228,9 @@ class Settings:
             device=_env(ENV_DEVICE) or "auto",
             search_ef=default_search_ef() if _env(ENV_SEARCH_EF) else None,
             precision=default_precision(),
+            backend=(_env(ENV_BACKEND) or "auto").strip().lower(),
+            openvino=_env_flag(ENV_OPENVINO, True),
+            ort_spin=_env_flag(ENV_ORT_SPIN, False),
+            threads=threads_from(_env(ENV_THREADS) or "0"),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -35,7 +35,7 @@ def default_workers(encoder: Encoder) -> int:
     leaves it between batches (decoded quickly on every core): one per core, as more threads
     were slower (benchmarks/gpu.py). A CPU model on fewer threads: one per two cores, beside it
     (draft decoding costs a fraction of an inference)."""
-    return cpu_cores() if _on_gpu(encoder) or _fills_cpu(encoder) else max(1, cpu_cores() // 2)
+    return cpu_cores() if _on_gpu(encoder) or encoder.fills_cpu else max(1, cpu_cores() // 2)
 
 
 def default_batch(encoder: Encoder) -> int:
@@ -45,7 +45,7 @@ def default_batch(encoder: Encoder) -> int:
 
 
 def _on_gpu(encoder: Encoder) -> bool:
-    return str(getattr(encoder, "device", "cpu")).startswith("cuda")
+    return encoder.device.startswith("cuda")
 
 
 class CpuTurns:
@@ -197,7 +197,7 @@ class Indexer:
     ) -> Iterator[Decoded]:
         """Decode in a thread pool, at most ``lookahead`` files ahead of the model, in order."""
         min_side = encoder.draft_side if self.draft else None
-        self._turns.enabled = _fills_cpu(encoder)
+        self._turns.enabled = encoder.fills_cpu
         workers = self.workers or default_workers(encoder)
         lookahead = max(2 * batch_size, 4 * workers)
         queue: deque[Future[Decoded | Failed]] = deque()
@@ -231,7 +231,3 @@ class Indexer:
             gone = known_gone(self.store, folder, report)
             if gone:
                 report.removed += self.store.delete(gone)
-
-
-def _fills_cpu(encoder: Encoder) -> bool:
-    return bool(getattr(encoder, "fills_cpu", False))  # an encoder of the caller's may not say

@@ -1,15 +1,16 @@
-"""CLIP's standard image preprocessing without torch: Pillow resizes and crops, numpy normalises.
+"""The one pixel contract between decoding and the models: CLIP's resize and centre crop to uint8.
 
 open_clip's transform for the CLIP models is: shorter side to ``size`` (bicubic), centre crop to
-``size`` x ``size``, scale to [0, 1], normalise by a per-channel mean and std. Split in two here:
-:func:`resize_crop` (the costly part, done where the image is decoded) gives uint8 pixels, and
-the normalisation is done by whoever runs the model: numpy for the exported towers
-(:func:`normalise`), the GPU itself for a CUDA model (a quarter of the bytes to copy, and no torch
-work in the decode threads). :func:`clip_normalisation` says whether a transform is this pipeline.
+``size`` x ``size``, scale to [0, 1], normalise by a per-channel mean and std. It is split in two
+here. :func:`resize_crop` (the costly part, done where the image is decoded) gives uint8 pixels;
+the scaling and normalisation, one :class:`Normalisation` value, are applied by whichever runtime
+runs the model, its own way: numpy for ONNX Runtime, torch on the device, OpenVINO compiled into
+the model. Decode threads then do no float work, and a batch crosses as a quarter of the bytes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,7 +18,21 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
+Triple = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """CLIP's per-channel ``mean`` and ``std`` for pixel values scaled to [0, 1]."""
+
+    mean: Triple
+    std: Triple
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (…, 3, H, W) to the model's float32 input, in numpy (for ONNX Runtime)."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return (pixels.astype(np.float32) / np.float32(255) - mean) / std
 
 
 def resize_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -40,14 +55,15 @@ def resize_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def normalise(pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """uint8 (…, 3, H, W) to the model's float32 input; ``mean``/``std`` shaped (3, 1, 1)."""
-    return (pixels.astype(np.float32) / np.float32(255) - mean) / std
+def draft_side_for(image_size: int) -> int:
+    """Shortest side to decode images at: 1.5x the model's input keeps the embedding what full
+    decoding gives (docs/speed.md) while decoding far less."""
+    return 3 * image_size // 2
 
 
 def clip_normalisation(transform: Any, image_size: int) -> Normalisation | None:
-    """(mean, std) when ``transform`` is open_clip's standard CLIP pipeline at ``image_size``
-    (what :func:`resize_crop` + normalising reproduce), else None."""
+    """The :class:`Normalisation` when ``transform`` is open_clip's standard CLIP pipeline at
+    ``image_size`` (what :func:`resize_crop` + normalising reproduce), else None."""
     from torchvision import transforms as T
 
     def kind(step: Any) -> str:  # open_clip's RGB conversion is a class or a plain function
@@ -72,4 +88,4 @@ def clip_normalisation(transform: Any, image_size: int) -> Normalisation | None:
     std = tuple(float(v) for v in normalize.std)
     if len(mean) != 3 or len(std) != 3:
         return None
-    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+    return Normalisation((mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))

@@ -1,26 +1,20 @@
-"""OpenVINO for the exported image tower: the same ``visual.onnx``, faster than ONNX Runtime
-(~10% in f32; bf16, on CPUs that compute it, is twice as fast as f32).
+"""OpenVINO for the exported image tower: the same ``visual.onnx``, faster than ONNX Runtime.
 
-On this project's 2-core machine OpenVINO's CPU plugin runs ViT-B-32's image tower at 0.85 of the
-fp32 matmul limit where ONNX Runtime reaches 0.78 (``benchmarks/ingest.py``), and 1.4x faster than
-on one stream when another job shares the cores (see :class:`OpenVinoVisual`).
-:class:`~pixfind.onnx_encoder.OnnxClipEncoder` uses it for images when the ``openvino`` package
-imports and its vectors match ONNX Runtime's on a fixed sample; the match is checked once per
-export folder and OpenVINO version and recorded in ``openvino.json`` beside the export, so later
-runs skip the ONNX Runtime session. Text queries stay on ONNX Runtime (its session starts faster,
-which is what a cold search needs).
+:class:`~pixfind.models.onnx_runtime.OnnxClipEncoder` uses it for images when the ``openvino``
+package imports and its vectors match ONNX Runtime's on a fixed sample; the match is checked once
+per export folder, OpenVINO version, CPU and precision and recorded in ``openvino.json`` beside
+the export, so later runs skip the ONNX Runtime session. Text queries stay on ONNX Runtime (its
+session starts faster, which is what a cold search needs).
 
-Precision: on CPUs with bf16 arithmetic in hardware (AVX512-BF16: AMD Zen 4/5, Intel Cooper Lake;
-AMX: Intel Sapphire Rapids and later) the model computes in bfloat16, with vectors at cosine
->= 0.9999 to f32 ones on real photos; elsewhere in f32. OpenVINO's own default is not relied on
-either way (2026.4 picks bf16 on this project's AVX512-BF16 machine, and by its source on any
-AVX-512 CPU, emulated and slow where the instructions are missing): :func:`choose_precision`
-decides and the model is compiled with that hint. Each precision is checked against ONNX
-Runtime's f32 vectors once per export, OpenVINO version and CPU (bf16 by the cosine per image,
-:data:`BF16_MIN_COSINE`), and a bf16 model that fails its check is replaced by the f32 one, with
-one warning saying why.
+Precision: on CPUs with bf16 arithmetic in hardware (AVX512-BF16, AMX) the model computes in
+bfloat16, elsewhere in f32. OpenVINO's own default is not relied on either way (it varies by CPU
+and version, and may emulate bf16 slowly): :func:`choose_precision` decides and the model is
+compiled with that hint. bf16 is checked against ONNX Runtime's f32 vectors by the cosine per
+image (:data:`BF16_MIN_COSINE`), and a bf16 model that fails its check is replaced by the f32
+one, with one warning saying why. Figures: docs/speed.md.
 
-``PIXFIND_OPENVINO=0`` turns it off; ``PIXFIND_PRECISION=f32|bf16`` forces a precision.
+``PIXFIND_OPENVINO=0`` turns it off (:attr:`pixfind.config.Settings.openvino`);
+``PIXFIND_PRECISION=f32|bf16`` forces a precision.
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import threading
 from collections.abc import Callable, Iterable
@@ -39,31 +32,27 @@ from typing import Any
 
 import numpy as np
 
-from .encoder import _first_line
-from .vectors import unit_rows
+from ..vectors import unit_rows
+from .messages import first_line
+from .pixels import Normalisation
 
 log = logging.getLogger(__name__)
 
 RECORD = "openvino.json"
-#: Largest allowed |OpenVINO - ONNX Runtime| on unit vectors (measured ~4e-6 in fp32).
+#: Largest allowed |OpenVINO - ONNX Runtime| on unit vectors in f32.
 PARITY_TOL = 1e-4
 #: Smallest allowed cosine between a bf16 vector and ONNX Runtime's f32 one, per image of the
-#: check's sample. Measured (ViT-B-32, docs/speed.md): 0.99994 at worst on 300 real photos and on
-#: this sample alike, so this allows ~17x the drift bf16 showed, where search results still agree.
+#: check's sample: well below the drift bf16 shows on real photos (docs/speed.md), where search
+#: results still agree.
 BF16_MIN_COSINE = 0.999
 #: CPU flags (as Linux names them) for bf16 arithmetic in hardware.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 #: The fixed sample the check runs: seeded pixels, a batch that splits unevenly over two streams.
 PARITY_BATCH = 3
-#: Images per infer request at most: a batch of 16 runs as 8 + 8 on two streams (16 per request
-#: was no faster on 2 cores, 4 was 4% slower).
+#: Images per infer request at most: a batch of 16 runs as 8 + 8 on two streams (docs/speed.md).
 CHUNK = 8
 #: Bump when how the model is compiled or fed changes: checks recorded before are then redone.
 RUNNER = 3
-
-
-def enabled() -> bool:
-    return os.environ.get("PIXFIND_OPENVINO", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def version() -> str | None:
@@ -133,12 +122,11 @@ def cpu_description(flags: Iterable[str] | None = None) -> str:
 
 
 class OpenVinoVisual:
-    """``visual.onnx`` compiled for OpenVINO's CPU plugin: ``run(pixels) -> features``.
+    """``visual.onnx`` compiled for OpenVINO's CPU plugin: ``run(uint8 pixels) -> features``.
 
-    It takes the pixels as :meth:`~pixfind.onnx_encoder.OnnxClipEncoder.preprocess` gives them
-    (uint8): the scaling and normalisation are compiled into the model, so the decode threads
-    skip them and a batch crosses as a quarter of the bytes. Float32 input (already normalised)
-    is also accepted.
+    It takes the pixels as :func:`~pixfind.models.pixels.resize_crop` gives them: the
+    :class:`~pixfind.models.pixels.Normalisation` is compiled into the model, so the decode
+    threads skip it and a batch crosses as a quarter of the bytes.
 
     ``precision`` ("f32" or "bf16") is the inference precision asked for; :attr:`precision` is
     the one OpenVINO compiled (f32 where the CPU cannot do bf16 at all). Input, normalisation and
@@ -148,35 +136,27 @@ class OpenVinoVisual:
     :func:`streams_for` streams at once, each stream on its share of the threads. With one
     stream all threads meet at a barrier after every operator, so one thread delayed by
     anything else on the machine (a decode, another process) stalls them all; streams do not
-    wait for each other. Measured on 2 cores (ViT-B-32, batches of 16, ``benchmarks/ingest.py
-    --busy``): one stream on 2 threads 31.4 images/s, two streams of one thread 32.7 (0.85 of the
-    matmul limit); beside a busy loop 15.0 vs 21.1. A single image runs on one stream: 80 ms
-    instead of 42 on a quiet machine (the same beside a busy one), so a query encoder asks for
-    ``streams=1``.
-
-    Threads are not pinned to cores (pinning loses to another process that holds a core: measured
-    -10% beside a busy loop), and one ``run`` at a time (the web server may embed an uploaded
-    image beside a query).
+    wait for each other. A single image is faster on one stream, so a query encoder asks for
+    ``streams=1``. Threads are not pinned to cores (pinning loses to another process that holds
+    a core), and one ``run`` at a time (the web server may embed an uploaded image beside a
+    query). Measurements: docs/speed.md.
     """
 
     def __init__(
         self,
         path: Path,
         threads: int,
-        mean: np.ndarray,
-        std: np.ndarray,
+        normalisation: Normalisation,
         streams: int | None = None,
         precision: str = "f32",
     ) -> None:
         """``streams``: None picks :func:`streams_for` ``threads`` (benchmarks compare others)."""
         import openvino
 
-        self._mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
         self.streams = streams or streams_for(threads)
         core = openvino.Core()
         compiled = core.compile_model(
-            _taking_pixels(core.read_model(str(path)), self._mean, self._std),
+            taking_pixels(core.read_model(str(path)), normalisation),
             "CPU",
             {
                 "INFERENCE_NUM_THREADS": threads,
@@ -195,7 +175,7 @@ class OpenVinoVisual:
         self._lock = threading.Lock()
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        values = self._pixel_values(pixels)
+        values = pixels.astype(np.float32)  # 0-255: what the compiled model takes
         parts = np.array_split(values, min(len(values), max(self.streams, -(-len(values) // CHUNK))))
         outputs: list[np.ndarray] = [np.empty(0, np.float32)] * len(parts)
         with self._lock:
@@ -203,12 +183,6 @@ class OpenVinoVisual:
                 self._queue.start_async({0: part}, (outputs, i))
             self._queue.wait_all()
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
-
-    def _pixel_values(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 0-255 pixel values, what the compiled model takes."""
-        if pixels.dtype == np.uint8:
-            return pixels.astype(np.float32)
-        return (np.asarray(pixels, dtype=np.float32) * self._std + self._mean) * np.float32(255)
 
 
 def streams_for(threads: int) -> int:
@@ -222,15 +196,16 @@ def precision_name(value: Any) -> str:
     return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, name)
 
 
-def _taking_pixels(model: Any, mean: np.ndarray, std: np.ndarray) -> Any:
-    """``model`` with CLIP's normalisation put in front: it takes 0-255 pixel values."""
+def taking_pixels(model: Any, normalisation: Normalisation) -> Any:
+    """``model`` with the normalisation put in front (OpenVINO's PrePostProcessor): it takes
+    0-255 pixel values."""
     from openvino import Layout
     from openvino.preprocess import PrePostProcessor
 
     steps = PrePostProcessor(model)
     steps.input().tensor().set_layout(Layout("NCHW"))
     steps.input().model().set_layout(Layout("NCHW"))
-    steps.input().preprocess().scale(255.0).mean(mean.ravel().tolist()).scale(std.ravel().tolist())
+    steps.input().preprocess().scale(255.0).mean(list(normalisation.mean)).scale(list(normalisation.std))
     return steps.build()
 
 
@@ -247,28 +222,23 @@ def load_checked(
     folder: Path,
     image_size: int,
     threads: int,
-    normalisation: tuple[np.ndarray, np.ndarray],
+    normalisation: Normalisation,
     reference: Callable[[np.ndarray], np.ndarray],
-    even_if_disabled: bool = False,
     streams: int | None = None,
     precision: str = "f32",
 ) -> OpenVinoVisual | None:
     """OpenVINO's image tower for the export in ``folder``, or None to stay on ONNX Runtime.
 
-    ``normalisation``: the model's (mean, std), compiled in. ``reference`` runs ONNX Runtime's
-    image tower on uint8 pixels; it is only called when this export has not been checked against
-    this OpenVINO version, CPU and precision yet. ``even_if_disabled`` ignores
-    ``PIXFIND_OPENVINO=0``. ``streams``: see :class:`OpenVinoVisual`. ``precision`` "bf16" that
-    cannot run or fails its check gives the f32 model, its :attr:`~OpenVinoVisual.fallback`
+    ``normalisation`` is compiled in. ``reference`` runs ONNX Runtime's image tower on uint8
+    pixels; it is only called when this export has not been checked against this OpenVINO
+    version, CPU and precision yet. ``streams``: see :class:`OpenVinoVisual`. ``precision`` "bf16"
+    that cannot run or fails its check gives the f32 model, its :attr:`~OpenVinoVisual.fallback`
     saying why.
     """
-    if not (even_if_disabled or enabled()):
+    key = _record_key(folder)
+    if key is None:
         return None
-    ov_version = version()
-    if ov_version is None:
-        return None
-    key = {"openvino": ov_version, "model": _model_stamp(folder), "runner": RUNNER, "cpu": cpu_description()}
-    compile_args = (folder / "visual.onnx", threads, *normalisation)
+    compile_args = (folder / "visual.onnx", threads, normalisation)
     fallback = None
     if precision == "bf16":
         runner, fallback = _checked(folder, key, image_size, reference, compile_args, streams, "bf16")
@@ -290,16 +260,14 @@ def _checked(
     precision: str,
 ) -> tuple[OpenVinoVisual | None, str | None]:
     """The model compiled at ``precision`` if it passes (or passed) its check, else (None, why)."""
-    record = _read_record(folder)
-    checks = record.get("checks") if all(record.get(k) == v for k, v in key.items()) else None
-    done = checks.get(precision) if isinstance(checks, dict) else None
+    done = _recorded_checks(folder, key).get(precision)
     if isinstance(done, dict) and not done.get("ok"):
         log.info("OpenVINO %s failed its check for %s before: %s", precision, folder.name, done.get("reason"))
         return None, f"{precision} failed its check: {done.get('reason')}"
     try:
         runner = OpenVinoVisual(*compile_args, streams=streams, precision=precision)
     except Exception as exc:  # any compile failure means: another precision, or ONNX Runtime
-        reason = f"compile: {type(exc).__name__}: {_first_line(exc)}"
+        reason = f"compile: {type(exc).__name__}: {first_line(exc)}"
         _write_check(folder, key, precision, False, reason)
         log.warning("OpenVINO cannot compile %s in %s, %s: %s", folder.name, precision, _instead(precision), reason)
         return None, f"{precision} failed its check: {reason}"
@@ -323,13 +291,8 @@ def _checked(
 def recorded_failure(folder: Path, precision: str) -> str | None:
     """Why ``precision`` failed its check for the export in ``folder`` on this OpenVINO and CPU,
     if it did (read from the record; nothing is compiled or imported)."""
-    ov_version = version()
-    if ov_version is None:
-        return None
-    key = {"openvino": ov_version, "model": _model_stamp(folder), "runner": RUNNER, "cpu": cpu_description()}
-    record = _read_record(folder)
-    checks = record.get("checks") if all(record.get(k) == v for k, v in key.items()) else None
-    done = checks.get(precision) if isinstance(checks, dict) else None
+    key = _record_key(folder)
+    done = _recorded_checks(folder, key).get(precision) if key is not None else None
     return str(done.get("reason")) if isinstance(done, dict) and not done.get("ok") else None
 
 
@@ -356,12 +319,25 @@ def parity_sample(image_size: int) -> np.ndarray:
     return rng.integers(0, 256, (PARITY_BATCH, 3, image_size, image_size), dtype=np.uint8)
 
 
-def _read_record(folder: Path) -> dict[str, Any]:
+def _record_key(folder: Path) -> dict[str, Any] | None:
+    """What a recorded check is valid for (None when OpenVINO is not installed): a check made
+    with another OpenVINO, export, runner or CPU is redone."""
+    ov_version = version()
+    if ov_version is None:
+        return None
+    return {"openvino": ov_version, "model": _model_stamp(folder), "runner": RUNNER, "cpu": cpu_description()}
+
+
+def _recorded_checks(folder: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The checks recorded under ``key`` ({precision: {ok, reason}}), empty for any other key."""
     try:
         record = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) else {}
+    if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
+        return {}
+    checks = record.get("checks")
+    return dict(checks) if isinstance(checks, dict) else {}
 
 
 def _model_stamp(folder: Path) -> list[int]:
@@ -378,9 +354,7 @@ def _model_stamp(folder: Path) -> list[int]:
 
 def _write_check(folder: Path, key: dict[str, Any], precision: str, ok: bool, reason: str) -> None:
     """Record one precision's result; results of the other precision under the same key stay."""
-    record = _read_record(folder)
-    checks = record.get("checks") if all(record.get(k) == v for k, v in key.items()) else None
-    checks = dict(checks) if isinstance(checks, dict) else {}
+    checks = _recorded_checks(folder, key)
     checks[precision] = {"ok": ok, "reason": reason}
     with contextlib.suppress(OSError):  # a read-only cache: the check simply runs again next time
         (folder / RECORD).write_text(json.dumps({**key, "checks": checks}))

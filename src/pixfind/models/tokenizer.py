@@ -2,10 +2,11 @@
 
 A line-for-line port of ``open_clip.tokenizer.SimpleTokenizer`` (``clean='lower'``, no reduction,
 no extra special tokens: the tokenizer of every OpenAI-style CLIP model) that returns numpy arrays.
-``open_clip.tokenizer`` imports torch (2+ s cold); this module imports only ``regex``, and ``ftfy``
-only for text that is not plain printable ASCII (``ftfy.fix_text`` leaves such text unchanged, so
-the ~70 ms import is skipped for ordinary queries). Equality of the ids with open_clip's is
-checked at export time and in the tests.
+``open_clip.tokenizer`` imports torch (seconds, cold); this module imports only ``regex``, and
+``ftfy`` only for text that is not plain printable ASCII (``ftfy.fix_text`` leaves such text
+unchanged, so its import is skipped for ordinary queries). Equality of the ids with open_clip's is
+checked at export time and in the tests. :func:`trim_padding` is the one padding trim of both
+runtimes (torch queries and the exported text tower).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ class ClipTokenizer:
 
     def __init__(self, bpe_path: str | Path, context_length: int = 77) -> None:
         """``bpe_path``: open_clip's ``bpe_simple_vocab_16e6.txt.gz``, or the same text unpacked
-        (the export cache keeps it unpacked: reading it is ~10x faster than gunzip)."""
+        (the export cache keeps it unpacked: reading it is much faster than gunzip)."""
         import regex
 
-        # merges are "first second" lines; ranks stay keyed by that string (no tuples: 3x faster
-        # to load, which is most of a cold query's tokenizer cost)
+        # merges are "first second" lines; ranks stay keyed by that string (no tuples: faster to
+        # load, which is most of a cold query's tokenizer cost)
         path = Path(bpe_path)
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         merges = raw.decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -148,7 +149,9 @@ def _pairs(word: tuple[str, ...]) -> set[str]:
 
 
 def trim_padding(tokens: np.ndarray) -> np.ndarray:
-    """Drop trailing columns that are padding (id 0) in every row."""
+    """Drop trailing columns that are padding (id 0) in every row. CLIP's text tower pools at the
+    end-of-text token under a causal mask, so that padding cannot change the vector (for towers
+    that take any length: :func:`pixfind.models.torch_clip.trimmed_text_tower`)."""
     used = np.flatnonzero((tokens != 0).any(axis=0))
     if len(used) == 0:
         return tokens
