@@ -81,7 +81,7 @@ class Store:
         if defer and self._policy.can_defer():
             self._pending = True
             return
-        self._open(preload=not create and not self.is_server)
+        self._open(preload=not create)
 
     def _open(self, preload: bool) -> None:
         try:

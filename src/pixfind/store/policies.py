@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import StoreError
-from .lite_engine import EngineStart, LiteEngine
+from .lite_engine import EarlyRead, EngineStart, LiteEngine
 from .lite_files import check_lite_path, make_lite_folder, nearly_full
 from .lock import LiteLock
 from .records import Row
@@ -119,7 +119,7 @@ class LitePolicy:
         self._wait = wait
         self._lock: LiteLock | None = None
         self._engine: LiteEngine | None = None
-        self.early: Any = None  # an EarlyRead while the index is opened to read
+        self.early: EarlyRead | None = None  # while an index opened to read is described early
 
     # -- opening and closing
 
