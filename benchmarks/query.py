@@ -47,7 +47,8 @@ from search_latency import wait_indexed  # noqa: E402  (also puts tests/ on the 
 from pixfind import ImageIndex  # noqa: E402
 from pixfind.config import DEFAULT_COLLECTION, ModelSpec  # noqa: E402
 from pixfind.pathkeys import key_of  # noqa: E402
-from pixfind.store import LITE_SERVING_MIN_ROWS, Row, Store  # noqa: E402
+from pixfind.store import Row, Store  # noqa: E402
+from pixfind.store.milvus import LITE_SERVING_MIN_ROWS  # noqa: E402
 
 DIM = 512
 CHUNK = 5000

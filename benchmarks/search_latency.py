@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from pixfind import store as store_mod  # noqa: E402
-from pixfind.config import ModelSpec  # noqa: E402
-from pixfind.store import Row, Store  # noqa: E402
+from pixfind.config import ModelSpec, default_search_ef  # noqa: E402
+from pixfind.store import Row, Store, policies  # noqa: E402
+from pixfind.store.records import VECTOR  # noqa: E402
 
 DIM = 512
 MODEL = ModelSpec(name="bench", pretrained="none")
@@ -162,7 +162,7 @@ def wait_indexed(store: Store, timeout: float = 3600) -> bool:
     if not store.is_server:
         return True
     client = store.client
-    name = client.list_indexes(store.collection, field_name=store_mod.VECTOR)[0]
+    name = client.list_indexes(store.collection, field_name=VECTOR)[0]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = client.describe_index(store.collection, name)
@@ -185,13 +185,13 @@ def main() -> int:
     parser.add_argument("--uri", help="use this Milvus server instead of starting one")
     parser.add_argument("--token")
     args = parser.parse_args()
-    args.ef = [int(x) for x in args.ef.split(",")] if args.ef else [store_mod.default_search_ef()]
+    args.ef = [int(x) for x in args.ef.split(",")] if args.ef else [default_search_ef()]
     if args.index or args.index_params:
-        kind = args.index or store_mod.SERVER_INDEX["index_type"]
-        params = {"nlist": 1024} if kind.startswith("IVF") else store_mod.SERVER_INDEX["params"]
+        kind = args.index or policies.SERVER_INDEX["index_type"]
+        params = {"nlist": 1024} if kind.startswith("IVF") else policies.SERVER_INDEX["params"]
         if args.index_params:
             params = json.loads(args.index_params)
-        store_mod.SERVER_INDEX = {"index_type": kind, "metric_type": store_mod.METRIC, "params": params}
+        policies.SERVER_INDEX = {"index_type": kind, "metric_type": policies.METRIC, "params": params}
     lines = []
     for backend in args.backends.split(","):
         if backend == "lite":

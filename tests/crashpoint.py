@@ -225,9 +225,10 @@ def main() -> int:
 
         runner.WRITE_EVERY = int(rest[0])
     if len(rest) > 1:
-        import pixfind.store as store
+        import pixfind.store.milvus as store
+        import pixfind.store.policies as policies
 
-        store.WRITE_BATCH = store.SERVER_WRITE_ROWS = store.LOOKUP_BATCH = int(rest[1])
+        policies.WRITE_BATCH = policies.SERVER_WRITE_ROWS = store.LOOKUP_BATCH = int(rest[1])
     install(point, int(count), action)
     from pixfind.cli import main as cli_main
 

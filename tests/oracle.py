@@ -147,16 +147,12 @@ def stored_rows(
     Rows are read as any later process reads them (the README promises that a search right after
     ``pixfind index`` sees every image it reported); ``strong``: first wait until every write
     accepted by a server is visible, for writes of a process that was killed and never flushed."""
-    from pixfind.config import is_server_uri
     from pixfind.store import Store
 
     if store is not None:
         return _read_rows(store, strong)
     with Store(uri, token=token, collection=collection) as opened:
-        rows = _read_rows(opened, strong)
-    if not is_server_uri(uri):
-        _release_lite(uri)
-    return rows
+        return _read_rows(opened, strong)
 
 
 def _read_rows(store: Store, strong: bool) -> dict[str, StoredRow]:
@@ -187,13 +183,6 @@ def _read_rows(store: Store, strong: bool) -> dict[str, StoredRow]:
                 int(row["height"]),
             )
     return rows
-
-
-def _release_lite(uri: str) -> None:
-    """Let the next pixfind process open the file (pymilvus keeps the engine running)."""
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(str(Path(uri).absolute()))
 
 
 @dataclass

@@ -173,10 +173,9 @@ def test_read_only_location(tmp_path: Path, photos: Path, capsys) -> None:  # ty
 
 
 def test_full_disk_says_so_and_keeps_what_was_written(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    from pixfind import store as store_module
-    from pixfind.store import Row, Store
+    from pixfind.store import Row, Store, policies
 
-    monkeypatch.setattr(store_module, "LITE_CALL_TIMEOUT_S", 3)  # give up on the full disk sooner
+    monkeypatch.setattr(policies, "LITE_CALL_TIMEOUT_S", 3)  # give up on the full disk sooner
     with small_filesystem(tmp_path / "small", "2m") as small:
         uri = str(small / "index.db")
         written = 0

@@ -208,7 +208,7 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
 #: ``pixfind serve`` in a child process that treats any collection as large (the IVF switch is
 #: for 50,000+ images): the threshold must be lowered where the server runs, not in the test.
 SERVE_WITH_LOW_THRESHOLD = (
-    "import sys; import pixfind.store as store; store.LITE_SERVING_MIN_ROWS = 1; "
+    "import sys; import pixfind.store.milvus as store; store.LITE_SERVING_MIN_ROWS = 1; "
     "from pixfind.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
@@ -241,8 +241,8 @@ def serve_says(uri: str, *flags: str) -> str:
 def test_serve_exact_puts_back_the_exact_index_a_killed_serve_left(  # type: ignore[no-untyped-def]
     indexed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pixfind import store as store_module
     from pixfind.store import Store
+    from pixfind.store import milvus as store_module
 
     uri, _ = indexed
     monkeypatch.setattr(store_module, "LITE_SERVING_MIN_ROWS", 1)

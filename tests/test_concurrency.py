@@ -50,12 +50,6 @@ def hold(uri: str, seconds: float) -> subprocess.Popen[str]:
     return proc
 
 
-def release_lite(uri: str) -> None:
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(uri)
-
-
 def test_second_opener_in_another_process_is_told_the_pid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pixfind.store import Store
 
@@ -77,7 +71,6 @@ def test_second_opener_in_another_process_is_told_the_pid(tmp_path: Path, capsys
     # SIGKILL of the holder frees the lock at once
     with Store(uri) as store:
         assert not store.exists()
-    release_lite(uri)
 
 
 def test_wait_flag_waits_for_the_holder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,7 +84,6 @@ def test_wait_flag_waits_for_the_holder(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0, capsys.readouterr().err
     assert time.monotonic() - started >= 1.0  # it did wait
     assert holder.stdout is not None and holder.stdout.read().strip() == "released"
-    release_lite(uri)
 
 
 def test_search_while_a_real_index_run_holds_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,4 +117,3 @@ def test_search_while_a_real_index_run_holds_the_file(tmp_path: Path, capsys: py
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        release_lite(uri)

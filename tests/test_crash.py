@@ -101,16 +101,13 @@ def good_images(folder: Path) -> set[str]:
 
 def stored_state(uri: str) -> tuple[list[str], int]:
     """(every stored key, count(*)), read in this process."""
-    from milvus_lite.server_manager import server_manager_instance
-
     from pixfind.store import Store
 
     with Store(uri) as store:
         exists = store.exists()
         keys = [key for page in store.iter_keys() for key in page] if exists else []
         count = store.count() if exists else 0
-    server_manager_instance.release_server(uri)  # let the next pixfind process open the file
-    return keys, count
+    return keys, count  # closing the Store stopped its engine: the next process can open the file
 
 
 def assert_exactly_once(uri: str, folder: Path) -> None:

@@ -27,6 +27,7 @@ from pixfind.config import ModelSpec
 from pixfind.errors import StoreError
 from pixfind.ingest.decode import ImageLoadError, load_image
 from pixfind.store import Row, Store
+from pixfind.store.policies import ServerPolicy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -298,13 +299,11 @@ def test_the_frames_of_a_long_animation_are_not_walked(tmp_path: Path) -> None:
 def test_server_writes_are_split_as_documented() -> None:
     """README: "Writes go in batches of at most 5,000 rows / 16 MiB" (vectors and keys counted)."""
     max_rows, max_bytes = docs.server_write_limits()
-    store = Store.__new__(Store)
-    store.is_server = True
     for rows in (
         [Row("/" + "k" * 8000 + str(i), [0.0] * 512, 1, 1, 1, 1, "f") for i in range(5000)],  # long keys
         [Row(f"/{i}", [0.0] * 512, 1, 1, 1, 1, "f") for i in range(12_000)],  # many rows
     ):
-        batches = list(store._write_batches(rows))
+        batches = list(ServerPolicy.write_batches(rows))
         assert [row for batch in batches for row in batch] == rows  # all, in order, once
         assert all(0 < len(batch) <= max_rows for batch in batches)
         assert all(sum(4 * len(r.vector) + len(r.key) for r in batch) <= max_bytes for batch in batches)

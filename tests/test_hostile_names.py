@@ -74,10 +74,6 @@ def test_hostile_names_round_trip(index_factory, library, lite_uri: str, capsys)
     assert idx.search("anything", limit=50, under=str(root / "a")) == []  # a prefix is not a folder
     idx.close()
 
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(lite_uri)
-
     code = main(["search", "anything", "--uri", lite_uri, "--json", "-k", "100"])
     out, err = capsys.readouterr()
     assert code == 0, err

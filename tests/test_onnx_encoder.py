@@ -398,15 +398,12 @@ def test_openvino_compile_failure_falls_back(onnx, torch_encoder, fresh_record, 
 def test_cuda_asked_for_is_refused_on_the_torch_free_query_path(onnx, index_factory, lite_uri, make_images, tmp_path):  # type: ignore[no-untyped-def]
     """The exported text tower runs on the CPU whatever --device says: an explicit cuda without
     CUDA is refused there too (as indexing refuses it), not quietly run on the CPU."""
-    from milvus_lite.server_manager import server_manager_instance
-
     from pixfind.api import ImageIndex
     from pixfind.errors import ModelLoadError
 
     photos = make_images(tmp_path / "photos", 2)
     with index_factory() as idx:
         idx.add(photos[0].parent)
-    server_manager_instance.release_server(lite_uri)
     with ImageIndex(uri=lite_uri, device="cuda") as fresh:
         assert load_query_encoder(fresh.model_spec(), fresh.settings) is not None  # the torch-free path is there
         if torch.cuda.is_available():

@@ -21,11 +21,11 @@ import pytest
 from conftest import Backend
 from milvus_server import MilvusServer
 
-from pixfind import store as store_mod
 from pixfind.config import ModelSpec
 from pixfind.errors import ModelMismatchError, PixfindError, StoreError
 from pixfind.pathkeys import key_of, path_of
-from pixfind.store import Row, Store
+from pixfind.store import Row, Store, policies
+from pixfind.store import records as store_records
 
 DIM = 16
 MODEL = ModelSpec("ViT-B-32", "openai")
@@ -181,8 +181,8 @@ def test_collections_made_with_cosine_keep_working(backend: Backend, monkeypatch
     """Files written before the IP metric: searches use the index's metric, and a Lite file's
     FLAT index moves to IP at the next restore_index() (each index run)."""
     paths = [f"/cos/{i}.jpg" for i in range(30)]
-    monkeypatch.setattr(store_mod, "METRIC", "COSINE")
-    monkeypatch.setattr(store_mod, "SERVER_INDEX", {**store_mod.SERVER_INDEX, "metric_type": "COSINE"})
+    monkeypatch.setattr(policies, "METRIC", "COSINE")
+    monkeypatch.setattr(policies, "SERVER_INDEX", {**policies.SERVER_INDEX, "metric_type": "COSINE"})
     store, rows = filled(backend, paths)
     monkeypatch.undo()
     store.close()
@@ -204,12 +204,12 @@ def test_both_record_layouts_are_read_and_written(backend: Backend, schema: int)
     typed fields) keep their layout and work the same."""
     paths = [f"/layout/{i}.jpg" for i in range(12)]
     with backend.store() as store:
-        store._create(store_mod.CollectionInfo(MODEL, DIM, schema=schema))
+        store._create(store_records.CollectionInfo(MODEL, DIM, schema=schema))
     with backend.store() as store:
         info = store.info()
         assert info is not None and info.schema == schema
         fields = {f["name"] for f in store.client.describe_collection(store.collection)["fields"]}
-        expected = {"path", "vector", "meta"} if schema == 2 else {"path", "vector", *store_mod.FILE_FIELDS}
+        expected = {"path", "vector", "meta"} if schema == 2 else {"path", "vector", *store_records.FILE_FIELDS}
         assert fields == expected
         rows = rows_for(paths)
         store.write(rows)
@@ -285,7 +285,7 @@ def test_search_effort_knob(backend: Backend, monkeypatch: pytest.MonkeyPatch) -
         store.ensure(MODEL, DIM)
         params = store._search_params(100)
         if store.is_server:
-            assert store.index_type() == store_mod.SERVER_INDEX["index_type"] == "HNSW"
+            assert store.index_type() == policies.SERVER_INDEX["index_type"] == "HNSW"
             assert params["params"] == {"ef": 100}  # never below the number of hits asked
             assert store._search_params(10)["params"] == {"ef": 32}
         else:
