@@ -31,6 +31,8 @@ class NoModel:
     spec = ModelSpec("ViT-S-32", None)
     dim = 384
     draft_side = 224
+    device = "cpu"
+    fills_cpu = True
 
 
 def test_scan_of_20k_files_streams_and_reports_progress(tmp_path: Path, lite_uri: str) -> None:

@@ -4,6 +4,7 @@ and stops itself, the early read of an index opened to read, and the IVF index w
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,7 @@ def test_lite_engine_command_is_milvus_lites_own(tmp_path: Path) -> None:
     assert ours.args[3:] == [log_level, lock_path] == [log_level, ours.lock_path]
     assert ours.env["LD_LIBRARY_PATH"].split(":")[0] == str(Path(milvus_bin).parent)
     assert ours.cwd == str(Path(key).parent)
+    shutil.rmtree(ours.home)  # made for an engine that is not started here
 
 
 def test_collection_requests_match_pymilvus_messages() -> None:
@@ -316,3 +318,60 @@ def test_an_ivf_index_left_by_a_killed_server_is_adopted_then_restored(
         with Store(uri) as store:
             assert store.index_type() == "FLAT"
             assert store.count() == 1200
+
+
+def test_each_engine_works_in_a_folder_of_its_own(tmp_path: Path) -> None:
+    """Engines share nothing on disk but their index file: one stopping (it empties its mmap
+    folder) must not pull the folder from under another still writing, which then failed every
+    write with "Mmap manager has not been init" (seen when a killed run's engine stopped while
+    the next run started)."""
+    from pixfind.store import lite_engine
+
+    spec, rng = ModelSpec(SMALL_MODEL, None), np.random.default_rng(0)
+    first, second = Store(str(tmp_path / "first.db")), Store(str(tmp_path / "second.db"))
+    try:
+        homes = []
+        for store in (first, second):
+            store.ensure(spec, 8)
+            store.write(rows(rng, "a", 20))
+            store.flush()
+            homes.append(_engine_home_of(store))
+        assert homes[0] != homes[1] and all(Path(home, ".cache").is_dir() for home in homes)
+        first.close()
+        assert not Path(homes[0]).exists()  # removed with its engine
+        for batch in range(3):  # the other engine keeps writing and searching
+            second.write(rows(rng, f"b{batch}", 20))
+            second.flush()
+        assert second.count() == 80
+    finally:
+        first.close()
+        second.close()
+    assert not Path(homes[1]).exists()
+    stale = Path(homes[1]).parent / "engine-stale"  # left by a run whose engine was killed
+    stale.mkdir()
+    (stale / "pid").write_text("999999999")
+    os.utime(stale, (0, 0))
+    shutil.rmtree(lite_engine.engine_home())  # the next start sweeps it
+    assert not stale.exists()
+
+
+def rows(rng: np.random.Generator, prefix: str, n: int) -> list:  # type: ignore[type-arg]
+    from pixfind.store import Row
+
+    vectors = rng.standard_normal((n, 8)).astype(np.float32)
+    return [Row(f"/photos/{prefix}-{i}.jpg", vectors[i], 1, 1, 1, 1, "f") for i in range(n)]
+
+
+def _engine_home_of(store: Store) -> str:
+    """The HOME the store's engine process was started with (from /proc)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if str(Path(store.uri).resolve()).encode() in cmdline:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                return next(v[5:].decode() for v in environ if v.startswith(b"HOME="))
+        except (OSError, StopIteration):
+            continue
+    raise AssertionError(f"no engine process for {store.uri}")

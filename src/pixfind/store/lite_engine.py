@@ -22,8 +22,10 @@ import fcntl
 import functools
 import importlib.util
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -33,14 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
+
 #: How long a starting engine may take to answer on its socket.
 START_TIMEOUT_S = 10.0
 #: Engines pixfind runs in this process, by resolved file: one per file (pixfind's LiteLock
 #: already keeps a second Store of this process off a file that is open).
 _RUNNING: dict[str, LiteEngine] = {}
 _RUNNING_LOCK = threading.Lock()
-_ENGINE_HOME: list[str] = []  # the folder made by engine_home() in this process, if any
-_ENGINE_HOME_LOCK = threading.Lock()
+#: A folder of an engine whose process is gone, or that never got one, is swept after this long.
+STALE_HOME_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class EngineCommand:
     socket_path: str
     lock_path: str
     cwd: str
+    home: str
 
 
 class LiteEngine:
@@ -93,10 +98,9 @@ def engine_command(key: str) -> EngineCommand | None:
     library_path = str(bin_dir) + ":" + os.environ.get("LD_LIBRARY_PATH", "")
     env.update(LD_LIBRARY_PATH=library_path, DYLD_LIBRARY_PATH=library_path)
     home = engine_home()
-    if home is not None:
-        env["HOME"] = home
+    env["HOME"] = home
     args = [str(bin_dir / "milvus"), key, f"unix:{socket_path}", level, lock_path]
-    return EngineCommand(args, env, socket_path, lock_path, str(db.parent))
+    return EngineCommand(args, env, socket_path, lock_path, str(db.parent), home)
 
 
 def start_engine(db: str) -> LiteEngine | None:
@@ -123,6 +127,7 @@ def _start(key: str, command: EngineCommand) -> LiteEngine | None:
     process = None
     try:
         process = subprocess.Popen(args=command.args, env=command.env, cwd=command.cwd)
+        Path(command.home, "pid").write_text(str(process.pid))
         if _answers(process, command.socket_path):
             stop = _stopper(process, lock_file, command, remove_lock_file=True)
             return LiteEngine(key, f"unix:{command.socket_path}", stop)
@@ -158,6 +163,7 @@ def _stopper(process: Any, lock_file: Any, command: EngineCommand, remove_lock_f
         for path in (command.socket_path, command.lock_path) if remove_lock_file else (command.socket_path,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        shutil.rmtree(command.home, ignore_errors=True)
 
     return stop
 
@@ -237,42 +243,64 @@ def _stop_all() -> None:
 atexit.register(_stop_all)
 
 
-def engine_home() -> str | None:
-    """A HOME for the engine where it can work, or None to keep the user's.
+def engine_home() -> str:
+    """A HOME of its own for one engine, removed when it stops.
 
-    The engine keeps its memory-mapped data under ``$HOME/.cache/milvus``; where that cannot be
-    made (a service account, a locked-down container) every write fails with ``Assert
-    "init_flag_ == true" => Mmap manager has not been init``. It then gets a folder of its own:
-    ``milvus-lite`` in pixfind's cache folder, or else a private temporary folder, removed when
-    the process ends. The engine empties ``.cache/milvus`` itself when it stops.
+    The engine keeps memory-mapped data under ``$HOME/.cache/milvus`` and empties that folder when
+    it stops. Shared by several engines (two indexes open at once, or an engine still stopping
+    after its pixfind was killed while the next one starts), one engine's clean-up pulls the
+    folder from under another, whose every write then fails with ``Assert "init_flag_ == true"
+    => Mmap manager has not been init`` — as it does where ``$HOME`` cannot be written (a service
+    account, a locked-down container). So each engine gets a private folder: under
+    ``milvus-lite`` in pixfind's cache folder, or else in the temporary folder. Folders that
+    killed runs left behind are swept here.
     """
     from ..config import cache_dir
 
-    home = os.environ.get("HOME")
-    if home and _can_create(Path(home) / ".cache" / "milvus"):
-        return None
-    own = cache_dir() / "milvus-lite"
-    with contextlib.suppress(OSError):
-        (own / ".cache").mkdir(parents=True, exist_ok=True)
-        if os.access(own / ".cache", os.W_OK):
-            return str(own)
-    with _ENGINE_HOME_LOCK:
-        if not _ENGINE_HOME:
-            import shutil
-
-            made = tempfile.mkdtemp(prefix="pixfind-milvus-")
-            atexit.register(shutil.rmtree, made, True)
-            _ENGINE_HOME.append(made)
-    return _ENGINE_HOME[0]
+    for parent in (cache_dir() / "milvus-lite", Path(tempfile.gettempdir()) / f"pixfind-milvus-{os.getuid()}"):
+        with contextlib.suppress(OSError):
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _own_private_folder(parent):
+                continue
+            _sweep_stale_homes(parent)
+            home = tempfile.mkdtemp(prefix="engine-", dir=parent)
+            os.mkdir(os.path.join(home, ".cache"))
+            return home
+    raise StoreError(
+        "Milvus Lite needs a folder to work in: make pixfind's cache folder writable "
+        "(PIXFIND_CACHE_DIR) or the temporary folder (TMPDIR)"
+    )
 
 
-def _can_create(path: Path) -> bool:
-    """Could this process make ``path`` (or does it exist as a writable folder)?"""
-    while not path.exists():
-        if path.parent == path:
-            return False
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+def _own_private_folder(path: Path) -> bool:
+    """A real folder of this user that nobody else may write (not a link another user left in /tmp)."""
+    info = path.lstat()
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _sweep_stale_homes(parent: Path) -> None:
+    """Remove engine folders whose engine is gone (its pid no longer runs), or that never got an
+    engine and are old."""
+    for home in parent.glob("engine-*"):
+        try:
+            pid = int((home / "pid").read_text())
+            stale = not _pid_alive(pid) and time.time() - home.stat().st_mtime > 5
+        except FileNotFoundError:
+            stale = time.time() - home.stat().st_mtime > STALE_HOME_S
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class EarlyRead:
