@@ -235,15 +235,24 @@ class ImageIndex:
         threshold: float | None = None,
         under: str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        status: Callable[[str], None] | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of near-identical indexed images (copies, resized, re-encoded, lightly
         cropped), from the stored vectors (no model is loaded); ``threshold``: the cosine at or
-        above which two images are duplicates (default :data:`pixfind.duplicates.DEFAULT_THRESHOLD`)."""
-        from .duplicates import DEFAULT_THRESHOLD, find_duplicates
+        above which two images are duplicates (default :data:`pixfind.duplicates.DEFAULT_THRESHOLD`).
+
+        Every stored vector is searched once, so a Milvus Lite file of 50,000+ images is first
+        switched to its IVF index as :meth:`optimize_for_queries` does (Lite's exact search
+        takes ~50 ms a vector at 100k; :meth:`close` puts the exact index back); ``status`` is
+        told while that takes its seconds, ``progress(done, total)`` after each batch."""
+        from .duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
         from .search import resolve_under
 
+        limit = check_threshold(DEFAULT_THRESHOLD if threshold is None else threshold)
         self._require_rows()
-        limit = DEFAULT_THRESHOLD if threshold is None else threshold
+        if status is not None and not self._optimized and not self.store.is_server:
+            status("preparing the index for a search of every image")
+        self.optimize_for_queries()
         return find_duplicates(self.store, limit, resolve_under(under), progress)
 
     def export(

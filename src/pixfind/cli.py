@@ -614,27 +614,27 @@ def duplicates(
     from .duplicates import DEFAULT_THRESHOLD, check_threshold
     from .render import duplicates_table, human_bytes, json_text
 
-    limit = check_threshold(DEFAULT_THRESHOLD if threshold is None else threshold)
+    limit = check_threshold(DEFAULT_THRESHOLD if threshold is None else threshold)  # before opening the index
     with (
         _open(uri, token, collection, wait=wait, create=False) as idx,
         CountBar("looking for duplicates", "img", err, disable=quiet or not err.is_terminal) as bar,
     ):
-        groups = idx.duplicates(limit, under=under, progress=bar.update)
+        groups = idx.duplicates(limit, under=under, progress=bar.update, status=bar.status)
         bar.close()
-        spec = idx.model_spec()
-    if as_json:
-        sys.stdout.write(json_text({"threshold": limit, "groups": [g.to_dict() for g in groups]}) + "\n")
-    elif groups:
-        out.print(duplicates_table(groups))
-    if not quiet:
-        files = sum(len(g.files) for g in groups)
-        freed = sum(g.reclaimable for g in groups)
-        where = f" under {under}" if under else ""
-        _say(
-            f"{len(groups):,} group{'s' * (len(groups) != 1)} of duplicates{where} ({files:,} images; "
-            f"{human_bytes(freed)} freed by keeping the first of each) at threshold {limit:g}"
-        )
-        _note_random_weights(spec)
+        # shown before closing: a Lite file switched to IVF for the search takes seconds to switch back
+        if as_json:
+            sys.stdout.write(json_text({"threshold": limit, "groups": [g.to_dict() for g in groups]}) + "\n")
+        elif groups:
+            out.print(duplicates_table(groups))
+        if not quiet:
+            files = sum(len(g.files) for g in groups)
+            freed = sum(g.reclaimable for g in groups)
+            where = f" under {under}" if under else ""
+            _say(
+                f"{len(groups):,} group{'s' * (len(groups) != 1)} of duplicates{where} ({files:,} images; "
+                f"{human_bytes(freed)} freed by keeping the first of each) at threshold {limit:g}"
+            )
+            _note_random_weights(idx.model_spec())
 
 
 # -- export ----------------------------------------------------------------------------------

@@ -38,13 +38,25 @@ class CountBar:
             get_time=self._clock,
         )
         self._task: Any = None
+        self._counting = False
         self._since = 0.0
 
-    def update(self, done: int, total: int) -> None:
+    def _start(self, total: int | None) -> None:
         if self._task is None:
             self._bar.start()
-            self._since = self._clock()
             self._task = self._bar.add_task("", total=total, count="", rate="", eta="")
+
+    def status(self, text: str) -> None:
+        """What takes the time before the count starts (shown in place of the count)."""
+        self._start(None)
+        self._bar.update(self._task, count=text)
+        self._bar.refresh()
+
+    def update(self, done: int, total: int) -> None:
+        if self._task is None or not self._counting:
+            self._start(total)
+            self._counting = True
+            self._since = self._clock()
         elapsed = self._clock() - self._since
         rate = done / elapsed if elapsed > 0 else 0.0
         left = max(0, total - done) / rate if rate else 0.0

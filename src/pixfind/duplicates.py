@@ -27,7 +27,7 @@ from .store import SearchHit, Store
 #: Cosine at or above which two images count as duplicates (see the module docstring).
 DEFAULT_THRESHOLD = 0.95
 #: Nearest neighbours asked per stored vector (the row itself included).
-NEIGHBOURS = 16
+NEIGHBOURS = 8
 #: Stored vectors per Milvus search.
 SEARCH_BATCH = 500
 
@@ -126,6 +126,8 @@ def find_duplicates(
     total = count_rows(store, folder)
     links = _UnionFind()
     done = 0
+    if progress is not None:
+        progress(0, total)  # the rate counts from here
     for keys in store.iter_keys(folder, batch=SEARCH_BATCH):
         vectors = store.vectors_of(keys)
         present = [key for key in keys if key in vectors]

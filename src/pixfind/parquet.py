@@ -80,6 +80,8 @@ def export_parquet(
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     os.close(fd)
     written = 0
+    if progress is not None:
+        progress(0, total)  # the rate counts from here
     try:
         with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
             for batch in iter_records(store, folder, batch=READ_BATCH):
