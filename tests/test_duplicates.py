@@ -83,11 +83,13 @@ def test_a_picture_and_its_copies_form_one_group(index_factory, library, tmp_pat
     assert group.reclaimable == sum(f.size for f in group.files) - first.size
 
 
-def test_groups_are_found_across_search_batches(index_factory, library, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Batches of two stored vectors: the copies are split over several batches and still join."""
+def test_groups_are_joined_across_search_batches(index_factory, library, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Batches of two stored vectors, each asking for its 2 nearest (itself and one other): no
+    single search sees the whole group of five, which is joined through the pairs of every batch."""
     import pixfind.duplicates as duplicates
 
     monkeypatch.setattr(duplicates, "SEARCH_BATCH", 2)
+    monkeypatch.setattr(duplicates, "NEIGHBOURS", 2)
     idx = index_factory()
     idx.add(tmp_path / "pics")
     assert paths_of(idx.duplicates(threshold=THRESHOLD)) == [{str(p) for p in library["copies"]}]

@@ -83,7 +83,8 @@ def export_parquet(
     if progress is not None:
         progress(0, total)  # the rate counts from here
     try:
-        with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
+        # no dictionary encoding: every value is unique, and trying it on the vectors tripled the write time
+        with pq.ParquetWriter(temporary, schema, compression="zstd", use_dictionary=False) as writer:
             for batch in iter_records(store, folder, batch=READ_BATCH):
                 if batch:
                     writer.write_table(_table(batch, schema))
