@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env, draw_photo
+from docs_figures import find
 from PIL import Image
 
 THRESHOLD = 0.998
@@ -129,6 +130,18 @@ def test_cli_prints_hostile_names_escaped_and_json_exactly(index_factory, tmp_pa
     assert data["threshold"] == THRESHOLD
     assert [sorted(f["path"] for f in g["files"]) for g in data["groups"]] == [sorted([str(hostile), str(original)])]
     assert data["groups"][0]["exact_copies"] is True
+
+
+def test_the_default_threshold_is_the_documented_one(index_factory, library, tmp_path: Path, lite_uri: str) -> None:  # type: ignore[no-untyped-def]
+    """README: "The default threshold, **0.95**"; with random weights every drawn picture is then
+    one group (which is why the other tests pass their own)."""
+    (documented,) = find("README.md", r"The default threshold, \*\*([0-9.]+)\*\*")
+    with index_factory() as idx:
+        idx.add(tmp_path / "pics")
+    run = _cli("duplicates", "--uri", lite_uri, "--json")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["threshold"] == float(documented)
+    assert f"at threshold {float(documented):g}" in run.stderr
 
 
 def test_a_bad_threshold_is_one_line(index_factory, library, tmp_path: Path, lite_uri: str) -> None:  # type: ignore[no-untyped-def]
