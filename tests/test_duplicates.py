@@ -124,6 +124,7 @@ def test_cli_prints_hostile_names_escaped_and_json_exactly(index_factory, tmp_pa
     assert "\x1b" not in table.stdout and "\u202e" not in table.stdout and "\x07" not in table.stdout
     assert "evil\\x1b]52;c;aGk=\\x07\\nname\\u202e.jpg" in table.stdout
     assert "plain.jpg" in table.stdout and "other.jpg" not in table.stdout
+    assert table.stdout.count("(same bytes as one above)") == 1  # one of the two, whichever is listed second
     assert "1 group of duplicates (2 images;" in table.stderr
     listed = _cli("duplicates", "--threshold", str(THRESHOLD), "--uri", lite_uri, "--json")
     data = json.loads(listed.stdout)

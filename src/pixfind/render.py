@@ -191,7 +191,7 @@ def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
 def duplicates_table(groups: Sequence[DuplicateGroup]) -> object:
     """A rich Table of duplicate groups: per group a heading row (files, lowest similarity,
     bytes freed by keeping the first), then each file's dimensions, bytes and path (through
-    :func:`printable`, never as markup)."""
+    :func:`printable`, never as markup), noting a file whose content hash equals an earlier one's."""
     from rich.table import Table
     from rich.text import Text
 
@@ -204,8 +204,14 @@ def duplicates_table(groups: Sequence[DuplicateGroup]) -> object:
         kind = "exact copies" if group.exact else f"similarity >= {group.similarity:.4f}"
         heading = f"{len(group.files)} images, {kind}, {human_bytes(group.reclaimable)} freed by keeping the first"
         table.add_row(f"#{number}", "", "", Text(heading, style="bold"))
+        seen: set[str] = set()
         for file in group.files:
-            table.add_row("", f"{file.width}x{file.height}", f"{file.size:,}", Text(printable(file.path)))
+            name = Text(printable(file.path))
+            if file.content in seen:
+                name.append("  (same bytes as one above)", style="dim")
+            if file.content:
+                seen.add(file.content)
+            table.add_row("", f"{file.width}x{file.height}", f"{file.size:,}", name)
     return table
 
 
