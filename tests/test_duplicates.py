@@ -157,3 +157,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pixfind", *args], env=cli_env(), capture_output=True, text=True, timeout=300
     )
+
+
+def test_duplicates_on_each_backend(backend, small_encoder, library, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same groups from Milvus Lite and from a Milvus server (HNSW search, paged key iterator)."""
+    from pixfind.api import ImageIndex
+    from pixfind.config import ModelSpec
+
+    with ImageIndex(
+        uri=backend.uri,
+        token=backend.token,
+        collection=backend.collection,
+        model=ModelSpec("ViT-S-32", None),
+        encoder=small_encoder,
+    ) as idx:
+        idx.add(tmp_path / "pics")
+        assert paths_of(idx.duplicates(threshold=THRESHOLD)) == [{str(p) for p in library["copies"]}]

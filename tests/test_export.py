@@ -131,3 +131,25 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pixfind", *args], env=cli_env(), capture_output=True, text=True, timeout=300
     )
+
+
+def test_export_on_each_backend(backend, small_encoder, make_images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One row per image with the stored vector, from Milvus Lite and from a Milvus server."""
+    from pixfind.api import ImageIndex
+    from pixfind.config import ModelSpec
+
+    make_images(tmp_path / "pics", 4)
+    with ImageIndex(
+        uri=backend.uri,
+        token=backend.token,
+        collection=backend.collection,
+        model=ModelSpec("ViT-S-32", None),
+        encoder=small_encoder,
+    ) as idx:
+        idx.add(tmp_path / "pics")
+        assert idx.export(tmp_path / "out.parquet").rows == 4
+        expected = stored_rows(backend.uri, backend.token, backend.collection, store=idx.store)
+    frame = pq.read_table(tmp_path / "out.parquet").to_pandas()
+    assert sorted(frame["path"]) == sorted(expected)
+    for row in frame.itertuples():
+        assert np.array_equal(np.asarray(row.vector), expected[row.path].vector.astype(np.float32))
