@@ -153,3 +153,12 @@ def test_export_on_each_backend(backend, small_encoder, make_images, tmp_path: P
     assert sorted(frame["path"]) == sorted(expected)
     for row in frame.itertuples():
         assert np.array_equal(np.asarray(row.vector), expected[row.path].vector.astype(np.float32))
+
+
+def test_without_pyarrow_the_export_says_how_to_install_it(indexed, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pixfind.errors import PixfindError
+
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what an install without the extra does
+    with pytest.raises(PixfindError, match=r"^pixfind export needs pyarrow: pip install 'pixfind\[export\]'"):
+        indexed.export(tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
