@@ -634,6 +634,8 @@ def duplicates(
                 f"{len(groups):,} group{'s' * (len(groups) != 1)} of duplicates{where} ({files:,} images; "
                 f"{human_bytes(freed)} freed by keeping the first of each) at threshold {limit:g}"
             )
+            if not groups and under and not os.path.isdir(os.path.expanduser(under)):
+                _say(f"--under {under} is not a folder here: check the path")  # a typo, or a file
             _note_random_weights(idx.model_spec())
 
 
