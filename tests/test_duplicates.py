@@ -173,3 +173,12 @@ def test_duplicates_on_each_backend(backend, small_encoder, library, tmp_path: P
     ) as idx:
         idx.add(tmp_path / "pics")
         assert paths_of(idx.duplicates(threshold=THRESHOLD)) == [{str(p) for p in library["copies"]}]
+
+
+def test_an_under_that_is_not_a_folder_is_named(index_factory, library, tmp_path: Path, lite_uri: str) -> None:  # type: ignore[no-untyped-def]
+    with index_factory() as idx:
+        idx.add(tmp_path / "pics")
+    run = _cli("duplicates", "--uri", lite_uri, "--under", str(tmp_path / "pics" / "beach.jpg"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ""
+    assert f"--under {tmp_path / 'pics' / 'beach.jpg'} is not a folder here: check the path" in run.stderr
