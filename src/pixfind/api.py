@@ -31,8 +31,10 @@ from .store import Store, check_same_model
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .duplicates import DuplicateGroup
     from .ingest.report import IndexReport, Progress
     from .models.base import Encoder
+    from .parquet import ExportReport
     from .search import Hit
 
 
@@ -227,6 +229,45 @@ class ImageIndex:
 
         self._require_rows()
         return nearest(self.store, stored_vector(self.store, path), limit, under)
+
+    def duplicates(
+        self,
+        threshold: float | None = None,
+        under: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        status: Callable[[str], None] | None = None,
+    ) -> list[DuplicateGroup]:
+        """Groups of near-identical indexed images (copies, resized, re-encoded, lightly
+        cropped), from the stored vectors (no model is loaded); ``threshold``: the cosine at or
+        above which two images are duplicates (default :data:`pixfind.duplicates.DEFAULT_THRESHOLD`).
+
+        Every stored vector is searched once, so a Milvus Lite file of 50,000+ images is first
+        switched to its IVF index as :meth:`optimize_for_queries` does (Lite's exact search
+        takes ~50 ms a vector at 100k; :meth:`close` puts the exact index back); ``status`` is
+        told while that takes its seconds, ``progress(done, total)`` after each batch."""
+        from .duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
+        from .search import resolve_under
+
+        limit = check_threshold(DEFAULT_THRESHOLD if threshold is None else threshold)
+        self._require_rows()
+        if status is not None and not self._optimized and not self.store.is_server:
+            status("preparing the index for a search of every image")
+        self.optimize_for_queries()
+        return find_duplicates(self.store, limit, resolve_under(under), progress)
+
+    def export(
+        self,
+        path: str | Path,
+        under: str | None = None,
+        force: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ExportReport:
+        """Write every stored vector and record (under ``under``) to a Parquet file, streamed in
+        batches; an existing ``path`` is refused unless ``force`` (needs pyarrow: ``pixfind[export]``)."""
+        from .parquet import export_parquet
+        from .search import resolve_under
+
+        return export_parquet(self.store, path, resolve_under(under), force, progress)
 
     def contains(self, path: str) -> bool:
         from .search import candidate_paths

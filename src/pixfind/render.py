@@ -18,6 +18,7 @@ from .errors import PixfindError
 if TYPE_CHECKING:
     from PIL import Image, ImageFont
 
+    from .duplicates import DuplicateGroup
     from .ingest.report import IndexReport
     from .search import Hit
 
@@ -185,3 +186,39 @@ def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
     if report.interrupted:
         lines.append("run the same command again to finish: work done so far is kept")
     return lines
+
+
+def duplicates_table(groups: Sequence[DuplicateGroup]) -> object:
+    """A rich Table of duplicate groups: per group a heading row (files, lowest similarity,
+    bytes freed by keeping the first), then each file's dimensions, bytes and path (through
+    :func:`printable`, never as markup), noting a file whose content hash equals an earlier one's."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("group", justify="right", style="dim")
+    table.add_column("pixels", justify="right")
+    table.add_column("bytes", justify="right", style="dim")
+    table.add_column("path", overflow="fold")
+    for number, group in enumerate(groups, start=1):
+        kind = "exact copies" if group.exact else f"similarity >= {group.similarity:.4f}"
+        heading = f"{len(group.files)} images, {kind}, {human_bytes(group.reclaimable)} freed by keeping the first"
+        table.add_row(f"#{number}", "", "", Text(heading, style="bold"))
+        seen: set[str] = set()
+        for file in group.files:
+            name = Text(printable(file.path))
+            if file.content in seen:
+                name.append("  (same bytes as one above)", style="dim")
+            if file.content:
+                seen.add(file.content)
+            table.add_row("", f"{file.width}x{file.height}", f"{file.size:,}", name)
+    return table
+
+
+def human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"
