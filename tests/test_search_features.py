@@ -321,6 +321,8 @@ def test_cli_api_web_and_a_forwarded_search_agree(
             assert response.status_code == 200, response.text
             web = response.json()
             words = client.get("/api/search", params={"q": "a red car - night", "k": 5, "all": "true"}).json()
+            not_field = client.get("/api/search", params={"q": "a red car", "not": "night", "k": 5, "all": "true"})
+            api_words = [h.to_dict() for h in idx.search("a red car", limit=5, all_copies=True, subtract=["night"])]
             refused = client.get("/api/search", params={"q": f"a red car + {lib / 'p3.jpg'}"})
             bad = client.get("/api/search", params={"q": "a red car", "min_score": "2"})
         with running_server(idx, uri, tmp_path / "thumbs"):
@@ -336,7 +338,7 @@ def test_cli_api_web_and_a_forwarded_search_agree(
 
     assert len(direct) >= 2 and all(h["score"] >= 0.2 for h in direct)
     assert shown(direct) == shown(api) == shown(web) == shown(forwarded)
-    assert shown(words) == shown(forwarded_words)
+    assert shown(words) == shown(forwarded_words) == shown(not_field.json()) == shown(api_words)
     assert refused.status_code == 400 and "upload the image" in refused.json()["detail"]
     assert bad.status_code == 400 and "between -1 and 1" in bad.json()["detail"]
     assert str(lib / "p0.jpg") not in [h["path"] for h in similar]
