@@ -31,7 +31,7 @@ from pixfind.cli import main
 from pixfind.config import ModelSpec
 from pixfind.errors import PixfindError
 from pixfind.pathkeys import key_of
-from pixfind.query import Term, check_terms, parse_query
+from pixfind.query import Term, check_terms, parse_query, query_vector
 from pixfind.web.app import create_app
 
 #: Files under many/ that hold exactly the content of lib/p5.jpg.
@@ -141,6 +141,8 @@ def test_text_plus_image_minus_text_ranks_as_the_models_own_vectors_say(library,
         expected = stored_scores(idx, root, expected_vector)
         hits = idx.search(f"a red car + {lib / 'p3.jpg'} - night", limit=8, under=str(lib), all_copies=True)
         plain_image = stored_scores(idx, root, unit(image_row(small_encoder, lib / "p3.jpg")))
+        vector = query_vector(parse_query(f"a red car + {lib / 'p3.jpg'} - night"), lambda: small_encoder, idx.store)
+    assert vector.dtype == np.float32 and np.allclose(vector, expected_vector, atol=2e-5)  # a unit vector again
     assert len(hits) == 8
     assert_ranked_as(hits, expected)
     assert max(abs(hit.score - plain_image[hit.path]) for hit in hits) > 0.01  # the words counted
@@ -323,6 +325,8 @@ def test_cli_api_web_and_a_forwarded_search_agree(
             words = client.get("/api/search", params={"q": "a red car - night", "k": 5, "all": "true"}).json()
             not_field = client.get("/api/search", params={"q": "a red car", "not": "night", "k": 5, "all": "true"})
             api_words = [h.to_dict() for h in idx.search("a red car", limit=5, all_copies=True, subtract=["night"])]
+            minus_image = f"a red car - {lib / 'p4.jpg'}"
+            api_minus = [h.to_dict() for h in idx.search(minus_image, limit=4, under=str(lib), all_copies=True)]
             refused = client.get("/api/search", params={"q": f"a red car + {lib / 'p3.jpg'}"})
             bad = client.get("/api/search", params={"q": "a red car", "min_score": "2"})
         with running_server(idx, uri, tmp_path / "thumbs"):
@@ -332,6 +336,8 @@ def test_cli_api_web_and_a_forwarded_search_agree(
             similar = json.loads(capsys.readouterr().out)
             assert main(["search", "a red car - night", "--all", "-k", "5", "--json", "--uri", uri]) == 0
             forwarded_words = json.loads(capsys.readouterr().out)
+            assert main(["search", minus_image, "--all", "-k", "4", "--under", str(lib), "--json", "--uri", uri]) == 0
+            forwarded_minus = json.loads(capsys.readouterr().out)
 
     def shown(hits: list[dict]) -> list[tuple]:  # type: ignore[type-arg]
         return [(h["path"], round(h["score"], 4), h["copies"], list(h["copy_paths"])) for h in hits]
@@ -339,6 +345,7 @@ def test_cli_api_web_and_a_forwarded_search_agree(
     assert len(direct) >= 2 and all(h["score"] >= 0.2 for h in direct)
     assert shown(direct) == shown(api) == shown(web) == shown(forwarded)
     assert shown(words) == shown(forwarded_words) == shown(not_field.json()) == shown(api_words)
+    assert shown(forwarded_minus) == shown(api_minus)
     assert refused.status_code == 400 and "upload the image" in refused.json()["detail"]
     assert bad.status_code == 400 and "between -1 and 1" in bad.json()["detail"]
     assert str(lib / "p0.jpg") not in [h["path"] for h in similar]
