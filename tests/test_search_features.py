@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import socket
 import threading
@@ -34,6 +35,7 @@ from pixfind.pathkeys import key_of
 from pixfind.query import Term, check_terms, parse_query, query_vector
 from pixfind.web.app import create_app
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 #: Files under many/ that hold exactly the content of lib/p5.jpg.
 MANY = 40
 
@@ -120,8 +122,12 @@ def test_terms_are_split_on_spaced_operators_only(tmp_path: Path) -> None:
         parse_query("a +  + b")
     with pytest.raises(PixfindError, match=r"query image not found: \./nope\.jpg .*--no-combine"):
         parse_query("cat + ./nope.jpg")
+    documented = re.search(r"\| terms in one combined query [^|]*\| (\d+) \|", README.read_text(encoding="utf-8"))
+    assert documented, "the README's Limits table states the most terms in one query"
+    most = int(documented.group(1))
+    assert len(check_terms([Term(text="x")] * most)) == most
     with pytest.raises(PixfindError, match="too many terms"):
-        check_terms([Term(text="x")] * 9)
+        check_terms([Term(text="x")] * (most + 1))
     with pytest.raises(PixfindError, match="query too long"):
         check_terms([Term(text="x" * 600), Term(text="y" * 600, sign=-1)])
 
