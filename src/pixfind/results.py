@@ -9,14 +9,20 @@ every result in a row. Here they collapse into one hit that says how many files 
 Resized or re-encoded copies are different files with different vectors, and stay apart.
 
 Written over :class:`~pixfind.store.Store`'s public reads only: ``search`` for the candidates,
-``lookup`` for their fingerprints (no vectors), then ``find_by_fingerprint`` for the content
-hashes of the rows that share a fingerprint (equal content implies an equal fingerprint).
+``lookup`` for the fingerprints of those whose score equals a neighbour's (copies share one
+vector, hence one score), then ``find_by_fingerprint`` for the content hashes of the rows that
+share a fingerprint (equal content implies an equal fingerprint): a result without copies costs
+no extra query beyond a lookup of the few near-ties. A hit counts every copy in the index (in
+the ``--under`` folder) once one of them is among the candidates with it; an approximate index
+(HNSW on a server) may return only one of two identical vectors, and a copy whose twin falls
+just beyond the candidates stands alone: those are not collapsed, nor counted.
 Collapsing needs more candidates than hits: Milvus is asked for twice as many and then four
 times more, up to :data:`MAX_CANDIDATES`, until ``limit`` distinct hits are found.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -33,6 +39,9 @@ if TYPE_CHECKING:
 MAX_CANDIDATES = 16_384
 #: Candidates asked for first, beyond ``limit``, when copies may collapse or files are left out.
 FIRST_MARGIN = 16
+#: Scores this close may be one vector's: copies embedded separately from the same pixels
+#: differ by rounding only (about 1e-6 in f32; bf16 batches somewhat more).
+SAME_SCORE = 1e-3
 
 
 def find(
@@ -58,8 +67,10 @@ def find(
         candidates = _kept(found, excluded, min_score)
         if len(candidates) < len(found) - _excluded_count(found, excluded):
             more_exist = False  # the cut-off was reached: every later candidate scores lower
-        hits = candidates if all_copies else _collapsed(store, candidates, folder, excluded, limit)
-        if len(hits) >= limit or not more_exist or asked >= MAX_CANDIDATES:
+        hits = candidates if all_copies else _collapsed(store, candidates, folder, excluded)
+        # collapsed, the last hit may stand for copies beyond the candidates: one more is needed
+        enough = len(hits) >= limit if all_copies else len(hits) > limit
+        if enough or not more_exist or asked >= MAX_CANDIDATES:
             return [replace(hit, rank=rank) for rank, hit in enumerate(hits[:limit], start=1)]
         wanted = asked * 4
 
@@ -81,25 +92,18 @@ def _excluded_count(found: Iterable[SearchHit], excluded: set[str]) -> int:
     return sum(key_of(hit.path) in excluded for hit in found)
 
 
-def _collapsed(store: Store, hits: list[Hit], folder: str | None, excluded: set[str], limit: int) -> list[Hit]:
+def _collapsed(store: Store, hits: list[Hit], folder: str | None, excluded: set[str]) -> list[Hit]:
     """``hits`` with each content shown once, by its best-ranked file, carrying its copies."""
-    keys = [key_of(hit.path) for hit in hits]
-    stored = store.lookup(keys)
-    fingerprints: list[str] = []
-    for key in keys:  # the first ``limit`` distinct fingerprints are all the kept hits can have
-        record = stored.get(key)
-        if record is not None and record.fingerprint not in fingerprints:
-            fingerprints.append(record.fingerprint)
-            if len(fingerprints) == limit:
-                break
-    # every kept fingerprint is checked, not only those seen twice among the candidates: an
-    # approximate index (HNSW on a server) can miss one of two identical vectors
+    suspects = [key_of(hits[i].path) for i in _possible_copies(hits)]
+    stored = store.lookup(suspects) if suspects else {}
+    prints = Counter(stored[key].fingerprint for key in suspects if key in stored)
+    fingerprints = sorted(fp for fp, count in prints.items() if count > 1)
     copies = _copies_by_content(store, fingerprints, folder, excluded)
     content_of = {key: content for content, paths in copies.items() for key in map(key_of, paths)}
     seen: set[str] = set()
     out: list[Hit] = []
-    for hit, key in zip(hits, keys, strict=True):
-        content = content_of.get(key)
+    for hit in hits:
+        content = content_of.get(key_of(hit.path))
         if content is None:
             out.append(hit)
             continue
@@ -109,6 +113,18 @@ def _collapsed(store: Store, hits: list[Hit], folder: str | None, excluded: set[
         others = tuple(path for path in copies[content] if path != hit.path)
         out.append(replace(hit, copies=1 + len(others), copy_paths=others))
     return out
+
+
+def _possible_copies(hits: list[Hit]) -> list[int]:
+    """Positions of the candidates that may be copies of another: files with equal content have
+    one vector (reused, or computed from the same pixels), hence one score, so only a candidate
+    within :data:`SAME_SCORE` of a neighbour can be one. In most results few are: the content
+    check then costs a lookup of those few, and no query at all when none share a fingerprint."""
+    near: set[int] = set()
+    for i in range(1, len(hits)):
+        if hits[i - 1].score - hits[i].score <= SAME_SCORE:
+            near.update((i - 1, i))
+    return sorted(near)
 
 
 def _copies_by_content(
