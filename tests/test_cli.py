@@ -42,7 +42,7 @@ def test_index_search_table_json_grid(indexed, tmp_path: Path, capsys: pytest.Ca
     assert code == 0, err
     hits = json.loads(out)
     assert [h["rank"] for h in hits] == list(range(1, 8))
-    assert set(hits[0]) == {"rank", "score", "path", "width", "height"}
+    assert set(hits[0]) == {"rank", "score", "path", "width", "height", "copies", "copy_paths"}
     with Image.open(grid) as sheet:
         assert sheet.size == (5 * 150, 2 * 150)  # 5 per row, rows as needed
 
@@ -52,8 +52,9 @@ def test_search_by_image_and_similar(indexed, capsys: pytest.CaptureFixture[str]
     code, out, _ = run(capsys, "search", "--image", str(photos[3]), "--json", "-k", "1", "--uri", uri)
     top = json.loads(out)[0]
     assert code == 0 and top["path"] == str(photos[3]) and top["score"] > 0.99
-    code, out, _ = run(capsys, "search", "--similar", str(photos[5]), "--json", "-k", "1", "--uri", uri)
-    assert json.loads(out)[0]["path"] == str(photos[5])
+    code, out, _ = run(capsys, "search", "--similar", str(photos[5]), "--json", "-k", "3", "--uri", uri)
+    found = [hit["path"] for hit in json.loads(out)]
+    assert code == 0 and len(found) == 3 and str(photos[5]) not in found  # never the file itself
 
 
 def test_rerun_is_incremental_and_info_reports(indexed, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -190,9 +191,10 @@ def test_search_is_answered_by_a_running_serve_on_the_same_index(indexed, tmp_pa
         assert code == 0, err
         assert len(json.loads(out)) == 3
         assert err.count("random weights") == 1, err  # the index was built with PIXFIND_PRETRAINED=none
-        code, out, err = run(capsys, "search", "--similar", str(photos[1]), "--uri", uri, "--json", "-k", "1")
+        code, out, err = run(capsys, "search", "--similar", str(photos[1]), "--uri", uri, "--json", "-k", "2")
         assert code == 0, err
-        assert json.loads(out)[0]["path"] == str(photos[1])
+        found = [hit["path"] for hit in json.loads(out)]
+        assert len(found) == 2 and str(photos[1]) not in found  # never the file itself
         code, out, err = run(capsys, "search", "--image", str(photos[1]), "--uri", uri, "--json", "-k", "1")
         assert code == 0, err  # the image is decoded here and sent to the server
         assert json.loads(out)[0]["path"] == str(photos[1])

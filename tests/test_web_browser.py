@@ -157,14 +157,13 @@ def test_text_search_viewer_and_more_like_this(page, gallery: Path) -> None:
     page.keyboard.press("ArrowRight")
     page.wait_for_function("() => document.querySelector('#viewer-rank').textContent === '#4 of 19'")
 
-    # more like this: the picture itself comes first
+    # more like this: every other picture, never the picture itself
     fourth = card_paths(page)[3]
     page.click("#more-like-this")
     assert viewer.is_hidden()
     page.wait_for_function("() => document.querySelector('#status').textContent.includes(' like ')")
-    wait_for_results(page)
-    assert card_paths(page)[0] == fourth
-    assert float(page.locator("#results .score").first.inner_text()) > 0.99
+    assert wait_for_results(page) == 18
+    assert fourth not in card_paths(page)
     assert Path(fourth).name in page.inner_text("#status")
     assert "like=" in page.url
 

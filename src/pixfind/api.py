@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .ingest.report import IndexReport, Progress
     from .models.base import Encoder
     from .parquet import ExportReport
+    from .query import Term
     from .search import Hit
 
 
@@ -207,28 +208,93 @@ class ImageIndex:
 
     # -- queries ----------------------------------------------------------------------------
 
-    def search(self, text: str, limit: int = 10, under: str | None = None) -> list[Hit]:
-        """Images that match a description, best first."""
-        from .search import nearest, text_vector
+    def search(
+        self,
+        text: str,
+        limit: int = 10,
+        under: str | None = None,
+        *,
+        min_score: float | None = None,
+        all_copies: bool = False,
+        combine: bool = True,
+        subtract: Sequence[str | Term] = (),
+    ) -> list[Hit]:
+        """Images that match a description, best first.
 
-        encoder = self._query_encoder_soon()
+        ``text`` may combine terms: ``"sunset + ./beach.jpg - people"`` (`` + `` and `` - `` with
+        spaces around; a term starting with ``/ ./ ../ ~/`` is an image file); ``combine=False``
+        takes it as written. ``subtract``: more terms to take away. ``min_score``: only hits at or
+        above this cosine. Exact copies of a file are one hit (``copies`` says how many) unless
+        ``all_copies``."""
+        from .query import parse_query, subtracted
+
+        terms = parse_query(text, combine) + subtracted(subtract)
+        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies)
+
+    def search_image(
+        self,
+        image: str | Path | Image.Image,
+        limit: int = 10,
+        under: str | None = None,
+        *,
+        min_score: float | None = None,
+        all_copies: bool = False,
+        subtract: Sequence[str | Term] = (),
+    ) -> list[Hit]:
+        """Images that look like ``image`` (a file or a PIL image), best first; options as :meth:`search`."""
+        from .query import Term, subtracted
+
+        terms = [Term(image=image), *subtracted(subtract)]
+        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies)
+
+    def similar(
+        self,
+        path: str,
+        limit: int = 10,
+        under: str | None = None,
+        *,
+        min_score: float | None = None,
+        all_copies: bool = False,
+        subtract: Sequence[str | Term] = (),
+    ) -> list[Hit]:
+        """Images that look like an indexed file, using its stored vector; the file itself is
+        never among them (its exact copies elsewhere are, first). Options as :meth:`search`."""
+        from .query import Term, subtracted
+
+        terms = [Term(indexed=path), *subtracted(subtract)]
+        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies)
+
+    def search_terms(
+        self,
+        terms: Sequence[Term],
+        limit: int = 10,
+        under: str | None = None,
+        *,
+        min_score: float | None = None,
+        all_copies: bool = False,
+    ) -> list[Hit]:
+        """Images that match a combination of :class:`~pixfind.query.Term` (texts, images,
+        indexed files, each added or taken away), best first; options as :meth:`search`."""
+        from .limits import check_limit, check_min_score
+        from .query import check_terms, indexed_paths, query_vector
+        from .results import find
+
+        check_terms(terms)
+        check_limit(limit)
+        check_min_score(min_score)
+        needs_model = any(term.indexed is None for term in terms)
+        encoder = self._query_encoder_soon() if needs_model else self.query_encoder
         self._require_rows()
-        return nearest(self.store, text_vector(encoder(), text), limit, under)
-
-    def search_image(self, image: str | Path | Image.Image, limit: int = 10, under: str | None = None) -> list[Hit]:
-        """Images that look like ``image`` (a file or a PIL image), best first."""
-        from .search import image_vector, nearest
-
-        encoder = self._query_encoder_soon()
-        self._require_rows()
-        return nearest(self.store, image_vector(encoder(), image), limit, under)
-
-    def similar(self, path: str, limit: int = 10, under: str | None = None) -> list[Hit]:
-        """Images that look like an indexed file, using its stored vector."""
-        from .search import nearest, stored_vector
-
-        self._require_rows()
-        return nearest(self.store, stored_vector(self.store, path), limit, under)
+        vector = query_vector(terms, encoder, self.store)
+        return find(
+            self.store,
+            vector,
+            limit,
+            under,
+            min_score=min_score,
+            all_copies=all_copies,
+            exclude=indexed_paths(terms),
+        )
 
     def duplicates(
         self,

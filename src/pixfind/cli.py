@@ -349,7 +349,13 @@ def remove(
 @app.command()
 def search(
     query: Annotated[
-        str | None, typer.Argument(help='What the picture shows, e.g. "a white dog".', show_default=False)
+        list[str] | None,
+        typer.Argument(
+            help='What the picture shows, e.g. "a white dog". Terms combine with " + " and " - " '
+            '(spaces around): "sunset + ./beach.jpg - people"; a term starting with / ./ ../ ~/ is an '
+            "image file.",
+            show_default=False,
+        ),
     ] = None,
     image: Annotated[
         Path | None, typer.Option("--image", help="Search by example: images that look like this file.")
@@ -361,8 +367,23 @@ def search(
         int, typer.Option("-k", "--limit", min=1, max=MAX_RESULTS, help="Number of results.")
     ] = DEFAULT_RESULTS,
     under: Annotated[str | None, typer.Option("--under", help="Only results inside this folder.")] = None,
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            "--min-score",
+            help="Only hits at or above this cosine (-1 to 1). Default model: good text matches score "
+            "about 0.2-0.35, near-identical images 0.9+.",
+        ),
+    ] = None,
+    all_copies: Annotated[
+        bool, typer.Option("--all", help="Show every copy of a file (default: exact copies are one hit).")
+    ] = False,
+    no_combine: Annotated[
+        bool, typer.Option("--no-combine", help='Search for the text as written, " - " and " + " included.')
+    ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print a JSON list of {rank, score, path, width, height}.")
+        bool,
+        typer.Option("--json", help="Print a JSON list of {rank, score, path, width, height, copies, copy_paths}."),
     ] = False,
     grid: Annotated[
         Path | None, typer.Option("--grid", help="Write a contact sheet of the hits (150 px tiles, 5 per row).")
@@ -374,27 +395,33 @@ def search(
     ef: EfOpt = None,
     wait: WaitOpt = False,
 ) -> None:
-    """Find indexed images by a description, an example image, or an indexed file."""
-    given = [q for q in (query, image, similar) if q]
+    """Find indexed images by a description, an example image, or an indexed file (never returned
+    itself). Exact copies of a file are shown as one hit with their count (--all shows each)."""
+    from .limits import check_min_score
+
+    text = " ".join(query) if query else None
+    given = [q for q in (text, image, similar) if q]
     if len(given) != 1:
         raise PixfindError(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
+    options = {"min_score": check_min_score(min_score), "all_copies": all_copies}
     server = _running_server(uri, collection)
     if server is not None:
-        hits = _search_via_server(server, query, image, similar, limit, under)
-        _show_hits(hits, as_json, grid, under)
+        hits = _search_via_server(server, text, image, similar, limit, under, combine=not no_combine, **options)
+        _show_hits(hits, as_json, grid, under, min_score)
         if hits and server.random_weights:
             _say(RANDOM_WEIGHTS_NOTE)
         return
     with _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef) as idx:
-        if query:
-            hits = idx.search(query, limit=limit, under=under)
+        if text:
+            hits = idx.search(text, limit=limit, under=under, combine=not no_combine, **options)
         elif image:
-            hits = idx.search_image(image, limit=limit, under=under)
+            hits = idx.search_image(image, limit=limit, under=under, **options)
         else:
-            hits = idx.similar(str(similar), limit=limit, under=under)
-        _show_hits(hits, as_json, grid, under)  # before closing: stopping Milvus Lite and exiting take 0.05-0.1 s
+            hits = idx.similar(str(similar), limit=limit, under=under, **options)
+        # before closing: stopping Milvus Lite and exiting take 0.05-0.1 s
+        _show_hits(hits, as_json, grid, under, min_score)
         if hits:
             _note_random_weights(idx.model_spec())
 
@@ -409,10 +436,12 @@ def _note_random_weights(spec: Any) -> None:
         _say(RANDOM_WEIGHTS_NOTE)
 
 
-def _show_hits(hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None) -> None:
+def _show_hits(
+    hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None, min_score: float | None = None
+) -> None:
     if not hits:
         _print_hits(hits, as_json)
-        _say(_why_no_matches(under))  # then an empty --grid is an error
+        _say(_why_no_matches(under, min_score))  # then an empty --grid is an error
     if grid:
         from .render import write_grid
 
@@ -422,8 +451,11 @@ def _show_hits(hits: list[Any], as_json: bool, grid: Path | None, under: str | N
         _print_hits(hits, as_json)
 
 
-def _why_no_matches(under: str | None) -> str:
-    """The hint for an empty result: only a folder filter can empty it (an empty index is an error)."""
+def _why_no_matches(under: str | None, min_score: float | None = None) -> str:
+    """The hint for an empty result: only a folder filter or a score cut-off can empty it (an
+    empty index is an error)."""
+    if min_score is not None and (not under or os.path.isdir(os.path.expanduser(under))):
+        return f"no matches scoring {min_score:g} or more (a lower --min-score shows more)"
     if not under:
         return "no matches"
     where = os.path.expanduser(under)
@@ -456,18 +488,25 @@ def _search_via_server(
     similar: str | None,
     limit: int,
     under: str | None,
+    *,
+    combine: bool = True,
+    **options: Any,
 ) -> list[Any]:
-    """Hits from a ``pixfind serve`` running on the same embedded index."""
+    """Hits from a ``pixfind serve`` running on the same embedded index. A query with image
+    terms sends them decoded here, as ``--image`` does (the server cannot read this user's files)."""
     from . import remote
-    from .limits import check_query
+    from .query import check_terms, parse_query
     from .search import candidate_paths, resolve_under
 
     folder = resolve_under(under)
     if query:
-        return remote.search(server, text=check_query(query), limit=limit, under=folder)
+        terms = check_terms(parse_query(query, combine))
+        if any(term.image is not None for term in terms):
+            return remote.search_terms(server, terms, limit=limit, under=folder, **options)
+        return remote.search(server, text=query.strip(), combine=combine, limit=limit, under=folder, **options)
     if image:
-        return remote.search_image(server, image, limit=limit, under=folder)
-    return remote.search(server, similar=candidate_paths(str(similar))[1], limit=limit, under=folder)
+        return remote.search_image(server, image, limit=limit, under=folder, **options)
+    return remote.search(server, similar=candidate_paths(str(similar))[1], limit=limit, under=folder, **options)
 
 
 def _print_hits(hits: list[Any], as_json: bool) -> None:

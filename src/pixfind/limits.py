@@ -17,6 +17,10 @@ MAX_QUERY_CHARS = 1000
 MAX_RESULTS = 1000
 DEFAULT_RESULTS = 10
 
+#: Most terms in one combined query (``sunset + ./beach.jpg - people``), text and image terms
+#: together: each image term is a decode and a model call.
+MAX_QUERY_TERMS = 8
+
 #: Largest image file ``pixfind serve`` accepts for search by image (the multipart framing around
 #: it is allowed for separately).
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -45,3 +49,12 @@ def check_limit(limit: int) -> int:
     if not 1 <= limit <= MAX_RESULTS:
         raise PixfindError(f"result count must be between 1 and {MAX_RESULTS:,}, got {limit}")
     return limit
+
+
+def check_min_score(min_score: float | None) -> float | None:
+    """A score cut-off is a cosine: between -1 and 1 (None: no cut-off)."""
+    if min_score is None:
+        return None
+    if not -1.0 <= min_score <= 1.0:  # NaN fails this too
+        raise PixfindError(f"minimum score must be a cosine between -1 and 1, got {min_score}")
+    return float(min_score)

@@ -21,7 +21,7 @@ import os
 import secrets
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ from .errors import PixfindError
 from .limits import MAX_UPLOAD_PIXELS, QUERY_IMAGE_SIDE
 
 if TYPE_CHECKING:
+    from .query import Term
     from .search import Hit  # imported when used: numpy and Pillow must not delay a cold search
 
 TIMEOUT_S = 30.0
@@ -121,12 +122,17 @@ def search(
     similar: str | None = None,
     limit: int = 10,
     under: str | None = None,
+    combine: bool = True,
+    min_score: float | None = None,
+    all_copies: bool = False,
 ) -> list[Hit]:
     """Ask the server; errors come back as :class:`~pixfind.errors.PixfindError` lines."""
-    params: list[tuple[str, str]] = [("k", str(limit))]
+    params: list[tuple[str, str]] = [("k", str(limit)), *_options(min_score, all_copies)]
     if text is not None:
         endpoint = "api/search"
         params.append(("q", text))
+        if not combine:
+            params.append(("combine", "false"))
     else:
         endpoint = "api/similar"
     query = urlencode(params)
@@ -136,10 +142,19 @@ def search(
     return [_hit(item) for item in _request(server, f"{endpoint}?{query}")]
 
 
-def search_image(server: RunningServer, image: str | Path, *, limit: int = 10, under: str | None = None) -> list[Hit]:
+def search_image(
+    server: RunningServer,
+    image: str | Path,
+    *,
+    limit: int = 10,
+    under: str | None = None,
+    min_score: float | None = None,
+    all_copies: bool = False,
+) -> list[Hit]:
     """Images like the file ``image``: decoded here, sent reduced (see the module's docstring)."""
-    body, boundary = _multipart_png(image)
-    query = urlencode([("k", str(limit))]) + _under(under)
+    boundary = _boundary()
+    body = _file_part(boundary, image) + f"--{boundary}--\r\n".encode()
+    query = urlencode([("k", str(limit)), *_options(min_score, all_copies)]) + _under(under)
     items = _request(
         server,
         f"api/search/image?{query}",
@@ -147,6 +162,51 @@ def search_image(server: RunningServer, image: str | Path, *, limit: int = 10, u
         content_type=f"multipart/form-data; boundary={boundary}",
     )
     return [_hit(item) for item in items]
+
+
+def search_terms(
+    server: RunningServer,
+    terms: Sequence[Term],
+    *,
+    limit: int = 10,
+    under: str | None = None,
+    min_score: float | None = None,
+    all_copies: bool = False,
+) -> list[Hit]:
+    """A combined query with image terms: each image file decoded here and sent reduced, as
+    :func:`search_image` does, with the terms in order (``POST /api/search/terms``)."""
+    boundary = _boundary()
+    described: list[dict[str, object]] = []
+    files = b""
+    for term in terms:
+        if term.text is not None:
+            described.append({"sign": term.sign, "text": term.text})
+        elif isinstance(term.image, (str, Path)):
+            described.append({"sign": term.sign, "image": len(described)})
+            files += _file_part(boundary, term.image)
+        else:
+            raise PixfindError("only texts and image files can be sent to a running pixfind serve")
+    images = [item for item in described if "image" in item]
+    for number, item in enumerate(images):
+        item["image"] = number  # the number of the file part, in order
+    head = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="terms"\r\nContent-Type: application/json\r\n\r\n'
+        ).encode()
+        + json.dumps(described).encode()
+        + b"\r\n"
+    )
+    body = head + files + f"--{boundary}--\r\n".encode()
+    query = urlencode([("k", str(limit)), *_options(min_score, all_copies)]) + _under(under)
+    items = _request(
+        server, f"api/search/terms?{query}", body=body, content_type=f"multipart/form-data; boundary={boundary}"
+    )
+    return [_hit(item) for item in items]
+
+
+def _options(min_score: float | None, all_copies: bool) -> list[tuple[str, str]]:
+    params = [("min_score", repr(min_score))] if min_score is not None else []
+    return params + ([("all", "true")] if all_copies else [])
 
 
 def info(server: RunningServer) -> dict[str, Any]:
@@ -163,11 +223,18 @@ def _under(under: str | None) -> str:
     return "&under=" + quote(os.fsencode(under), safe="") if under else ""
 
 
-def _multipart_png(image: str | Path) -> tuple[bytes, str]:
+def _boundary() -> str:
+    return "pixfind-" + secrets.token_hex(16)
+
+
+def _file_part(boundary: str, image: str | Path) -> bytes:
+    """One multipart ``file`` part: the image decoded here, reduced, as a PNG."""
     import io
 
     from .ingest.decode import ImageLoadError, load_image
 
+    if Path(image).is_dir():
+        raise PixfindError(f"query image {image} is a folder: give an image file")
     if not Path(image).is_file():
         raise PixfindError(f"query image not found: {image}")
     try:
@@ -180,12 +247,11 @@ def _multipart_png(image: str | Path) -> tuple[bytes, str]:
         small = small.resize((int(small.width * scale), int(small.height * scale)))
     png = io.BytesIO()
     small.save(png, "PNG", compress_level=1)
-    boundary = "pixfind-" + secrets.token_hex(16)
     head = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="query.png"\r\n'
         "Content-Type: image/png\r\n\r\n"
     ).encode()
-    return head + png.getvalue() + f"\r\n--{boundary}--\r\n".encode(), boundary
+    return head + png.getvalue() + b"\r\n"
 
 
 def _request(server: RunningServer, path: str, body: bytes | None = None, content_type: str | None = None) -> Any:
@@ -222,4 +288,6 @@ def _hit(item: dict[str, object]) -> Hit:
         width=int(item.get("width", 0)),  # type: ignore[arg-type]
         height=int(item.get("height", 0)),  # type: ignore[arg-type]
         size=int(item.get("size", 0)),  # type: ignore[arg-type]
+        copies=int(item.get("copies", 1)),  # type: ignore[arg-type]
+        copy_paths=tuple(str(path) for path in item.get("copy_paths", ()) or ()),  # type: ignore[attr-defined]
     )

@@ -77,7 +77,8 @@ def json_text(data: object) -> str:
 
 
 def hits_table(hits: Sequence[Hit]) -> object:
-    """A rich Table: rank, score, size, path (shown through :func:`printable`, never as markup)."""
+    """A rich Table: rank, score, size, copies (when any hit stands for exact copies), path
+    (shown through :func:`printable`, never as markup)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -85,9 +86,15 @@ def hits_table(hits: Sequence[Hit]) -> object:
     table.add_column("#", justify="right", style="dim")
     table.add_column("score", justify="right")
     table.add_column("size", justify="right", style="dim")
+    copies = any(hit.copies > 1 for hit in hits)  # a column only when a hit stands for copies
+    if copies:
+        table.add_column("copies", justify="right")
     table.add_column("path", overflow="fold")
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", f"{hit.width}x{hit.height}", Text(printable(hit.path)))
+        cells = [str(hit.rank), f"{hit.score:.4f}", f"{hit.width}x{hit.height}"]
+        if copies:
+            cells.append(f"{hit.copies}" if hit.copies > 1 else "")
+        table.add_row(*cells, Text(printable(hit.path)))
     return table
 
 

@@ -31,12 +31,17 @@ class Hit:
     width: int
     height: int
     size: int = 0
+    copies: int = 1
+    """How many indexed files with exactly this content the hit stands for (itself included)."""
+    copy_paths: tuple[str, ...] = ()
+    """The other files of those copies, when results collapse copies (the default)."""
 
     def to_dict(self) -> dict[str, object]:
         """The shape of ``pixfind search --json`` and of the web API."""
         data = asdict(self)
         data.pop("size")
         data["score"] = round(self.score, 6)
+        data["copy_paths"] = list(self.copy_paths)
         return data
 
 

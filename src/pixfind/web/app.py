@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, RedirectResponse, Response
@@ -27,7 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..errors import PixfindError
-from ..limits import DEFAULT_RESULTS, MAX_RESULTS, check_limit, check_query
+from ..limits import DEFAULT_RESULTS, MAX_QUERY_TERMS, MAX_RESULTS, check_limit, check_min_score, check_query
+from ..query import Term, check_terms, parse_query
 from ..version import __version__
 from .access import AccessGuard, Credentials
 from .answers import ApiError, AsciiJSONResponse, validation_message
@@ -36,6 +38,8 @@ from .paths import MAX_PATH_CHARS, OpenedFile, raw_query_param
 from .service import Limits, WebService, upload_too_large
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..api import ImageIndex
     from ..search import Hit
 
@@ -64,8 +68,24 @@ KParam = Annotated[
 UnderParam = Annotated[str | None, Query(description="only images under this folder (absolute path)")]
 PathParam = Annotated[str, Query(description="absolute path of an indexed image")]
 VersionParam = Annotated[str | None, Query(description="file version (from a hit's URL)")]
-QueryParam = Annotated[str, Query(description="what the picture shows")]
+QueryParam = Annotated[
+    str, Query(description='what the picture shows; terms combine with " + " and " - " (spaces around)')
+]
 UploadParam = Annotated[UploadFile, File(description="an image (limits: see /api/info)")]
+NotParam = Annotated[
+    list[str] | None, Query(alias="not", description="words the pictures should not show (repeatable)")
+]
+MinScoreParam = Annotated[float | None, Query(description="only hits at or above this cosine (-1 to 1)")]
+AllParam = Annotated[bool, Query(alias="all", description="every copy of a file, not one hit per content")]
+CombineParam = Annotated[bool, Query(description='false: search for `q` as written, " - " included')]
+TermsParam = Annotated[
+    str,
+    Form(
+        description='JSON list of terms in order: {"sign": 1 or -1, and one of "text": words, '
+        '"image": number of the file part (0 first), "similar": path of an indexed image}'
+    ),
+]
+FilesParam = Annotated[list[UploadFile] | None, File(description="the images the terms number (limits: see /api/info)")]
 
 router = APIRouter()
 
@@ -99,6 +119,27 @@ def checked_under(request: Request) -> str | None:
     if "\x00" in folder or len(folder) > MAX_PATH_CHARS or not os.path.isabs(folder):
         raise ApiError(400, "folder filter must be an absolute path, e.g. /home/me/Pictures")
     return os.path.normpath(folder)
+
+
+def search_options(min_score: float | None, all_copies: bool) -> dict[str, Any]:
+    return {
+        "min_score": _refused_as_400(check_min_score, min_score, "bad request: min_score: "),
+        "all_copies": all_copies,
+    }
+
+
+def text_terms(q: str | None, nots: list[str] | None, combine: bool = True) -> list[Term]:
+    """The terms of ``q`` and of the ``not`` words; image paths are refused: this server reads
+    only the files it indexed, and a query image comes as an upload."""
+    terms = _refused_as_400(lambda text: parse_query(text, combine), q) if q is not None else []
+    if any(term.image is not None for term in terms):
+        raise ApiError(
+            400,
+            "image terms are not read from the server's disk: upload the image (POST /api/search/terms) "
+            "or write the term without a leading / ./ ../ ~/",
+        )
+    terms += [Term(text=_refused_as_400(check_query, word), sign=-1) for word in nots or [] if word.strip()]
+    return _refused_as_400(check_terms, terms)
 
 
 def hits_answer(hits: list[Hit], started: float) -> Response:
@@ -151,40 +192,134 @@ def favicon() -> Response:
 
 @router.get("/api/search", summary="Search by text")
 def search(
-    request: Request, service: Service, q: QueryParam, k: KParam = DEFAULT_RESULTS, under: UnderParam = None
+    request: Request,
+    service: Service,
+    q: QueryParam,
+    k: KParam = DEFAULT_RESULTS,
+    under: UnderParam = None,
+    nots: NotParam = None,
+    min_score: MinScoreParam = None,
+    all_copies: AllParam = False,
+    combine: CombineParam = True,
 ) -> Response:
-    text, folder, k = checked_query(q), checked_under(request), checked_k(k)
+    checked_query(q)
+    terms, folder, k = text_terms(q, nots, combine), checked_under(request), checked_k(k)
+    options = search_options(min_score, all_copies)
     started = time.perf_counter()
-    return hits_answer(service.search(text, k, folder), started)
+    return hits_answer(service.search_terms(terms, k, folder, **options), started)
 
 
 @router.post("/api/search/image", summary="Search by an uploaded image (multipart field `file`)")
 async def search_image(
-    request: Request, service: Service, file: UploadParam, k: KParam = DEFAULT_RESULTS, under: UnderParam = None
+    request: Request,
+    service: Service,
+    file: UploadParam,
+    k: KParam = DEFAULT_RESULTS,
+    under: UnderParam = None,
+    nots: NotParam = None,
+    min_score: MinScoreParam = None,
+    all_copies: AllParam = False,
 ) -> Response:
     try:
         folder, k = checked_under(request), checked_k(k)
+        options = search_options(min_score, all_copies)
+        subtract = text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
         started = time.perf_counter()
-        limit = service.limits.max_upload_bytes
-        if file.size is not None and file.size > limit:
-            raise ApiError(413, upload_too_large(limit))
-        if not file.size:
-            raise ApiError(400, "not a usable image: the upload is empty")
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(service.decoder, service.decode_upload, file.file)
-        hits = await run_in_threadpool(service.search_image, image, k, folder)
+        image = await decoded_upload(service, file)
+        hits = await run_in_threadpool(service.search_image, image, k, folder, subtract=subtract, **options)
         return hits_answer(hits, started)
     finally:
         await file.close()
 
 
-@router.get("/api/similar", summary="Images like one in the index (more like this)")
+@router.post("/api/search/terms", summary="Search by a combination of words, uploaded images and indexed images")
+async def search_terms(
+    request: Request,
+    service: Service,
+    terms: TermsParam,
+    file: FilesParam = None,
+    k: KParam = DEFAULT_RESULTS,
+    under: UnderParam = None,
+    min_score: MinScoreParam = None,
+    all_copies: AllParam = False,
+) -> Response:
+    uploads = file or []
+    try:
+        folder, k = checked_under(request), checked_k(k)
+        options = search_options(min_score, all_copies)
+        described = described_terms(terms, len(uploads))
+        started = time.perf_counter()
+        images = [await decoded_upload(service, upload) for upload in uploads]
+        built = [built_term(service, item, images) for item in described]
+        hits = await run_in_threadpool(service.search_terms, _refused_as_400(check_terms, built), k, folder, **options)
+        return hits_answer(hits, started)
+    finally:
+        for upload in uploads:
+            await upload.close()
+
+
+@router.get("/api/similar", summary="Images like one in the index (more like this; never the image itself)")
 def similar(
-    request: Request, service: Service, path: PathParam, k: KParam = DEFAULT_RESULTS, under: UnderParam = None
+    request: Request,
+    service: Service,
+    path: PathParam,
+    k: KParam = DEFAULT_RESULTS,
+    under: UnderParam = None,
+    nots: NotParam = None,
+    min_score: MinScoreParam = None,
+    all_copies: AllParam = False,
 ) -> Response:
     target = service.indexed_path(raw_query_param(request, "path"))
+    options = search_options(min_score, all_copies)
+    subtract = text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
     started = time.perf_counter()
-    return hits_answer(service.similar(target, checked_k(k), checked_under(request)), started)
+    hits = service.similar(target, checked_k(k), checked_under(request), subtract=subtract, **options)
+    return hits_answer(hits, started)
+
+
+async def decoded_upload(service: WebService, file: UploadFile) -> Image.Image:
+    """An uploaded image, its size checked, decoded reduced on the upload thread."""
+    limit = service.limits.max_upload_bytes
+    if file.size is not None and file.size > limit:
+        raise ApiError(413, upload_too_large(limit))
+    if not file.size:
+        raise ApiError(400, "not a usable image: the upload is empty")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(service.decoder, service.decode_upload, file.file)
+
+
+def described_terms(raw: str, files: int) -> list[dict[str, Any]]:
+    """The ``terms`` field, checked for shape before any upload is decoded."""
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        items = None
+    shapes_ok = isinstance(items, list) and all(
+        isinstance(item, dict)
+        and item.get("sign", 1) in (1, -1)
+        and len(set(item) & {"text", "image", "similar"}) == 1
+        and (not isinstance(item.get("image"), bool) and isinstance(item.get("image", 0), int))
+        and all(isinstance(item.get(name, ""), str) for name in ("text", "similar"))
+        for item in items
+    )
+    if not shapes_ok:
+        raise ApiError(400, 'bad request: terms: a JSON list of {"sign": 1 or -1, "text"|"image"|"similar": ...}')
+    assert isinstance(items, list)
+    if len(items) > MAX_QUERY_TERMS or files > MAX_QUERY_TERMS:
+        raise ApiError(400, f"too many terms in the query (limit {MAX_QUERY_TERMS})")
+    numbers = sorted(item["image"] for item in items if "image" in item)
+    if numbers != list(range(files)):
+        raise ApiError(400, "bad request: terms: each uploaded file is named once, by its number (0 first)")
+    return items
+
+
+def built_term(service: WebService, item: dict[str, Any], images: list[Image.Image]) -> Term:
+    sign = int(item.get("sign", 1))
+    if "text" in item:
+        return Term(text=_refused_as_400(check_query, item["text"]), sign=sign)
+    if "image" in item:
+        return Term(image=images[item["image"]], sign=sign)
+    return Term(indexed=service.indexed_path(item["similar"]), sign=sign)
 
 
 @router.get("/api/info", summary="What the index holds, and this server's limits")
@@ -279,6 +414,12 @@ def create_app(
         limit=limits.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         file_limit=limits.max_upload_bytes,
         paths=("/api/search/image",),
+    )
+    app.add_middleware(
+        UploadLimit,
+        limit=(limits.max_upload_bytes + MULTIPART_OVERHEAD_BYTES) * MAX_QUERY_TERMS,
+        file_limit=limits.max_upload_bytes,
+        paths=("/api/search/terms",),
     )
     app.add_middleware(AccessGuard, credentials=credentials)
     if allowed_hosts:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..api import ImageIndex
+    from ..query import Term
     from ..search import Hit
     from ..store import StoredFile
 
@@ -94,11 +95,14 @@ class WebService:
         except PixfindError as exc:
             raise ApiError(409, str(exc)) from exc
 
-    def search(self, text: str, k: int, under: str | None) -> list[Hit]:
-        return self.call(self.index.search, text, limit=k, under=under)
+    def search(self, text: str, k: int, under: str | None, **options: Any) -> list[Hit]:
+        return self.call(self.index.search, text, limit=k, under=under, **options)
 
-    def search_image(self, image: Image.Image, k: int, under: str | None) -> list[Hit]:
-        return self.call(self.index.search_image, image, limit=k, under=under)
+    def search_image(self, image: Image.Image, k: int, under: str | None, **options: Any) -> list[Hit]:
+        return self.call(self.index.search_image, image, limit=k, under=under, **options)
+
+    def search_terms(self, terms: list[Term], k: int, under: str | None, **options: Any) -> list[Hit]:
+        return self.call(self.index.search_terms, terms, limit=k, under=under, **options)
 
     def indexed_path(self, raw: str | None) -> str:
         """The path a "more like this" request names, when the index holds it; a 404 otherwise."""
@@ -107,8 +111,8 @@ class WebService:
             raise ApiError(404, "not in the index: pass the path of an indexed image")
         return target
 
-    def similar(self, path: str, k: int, under: str | None) -> list[Hit]:
-        return self.call(self.index.similar, path, limit=k, under=under)
+    def similar(self, path: str, k: int, under: str | None, **options: Any) -> list[Hit]:
+        return self.call(self.index.similar, path, limit=k, under=under, **options)
 
     def info(self) -> dict[str, Any]:
         """``ImageIndex.info()`` without the token, plus ``random_weights`` and this server's limits."""

@@ -10,6 +10,7 @@
     info: $("#info"), summary: $("#index-summary"), dropzone: $("#dropzone"), notice: $("#notice"),
     viewer: $("#viewer"), vImg: $("#viewer-img"), vName: $("#viewer-name"), vPath: $("#viewer-path"),
     vDims: $("#viewer-dims"), vSize: $("#viewer-size"), vScore: $("#viewer-score"), vRank: $("#viewer-rank"),
+    vCopies: $("#viewer-copies"), not: $("#not"), minScore: $("#min-score"), allCopies: $("#all-copies"),
     vOpen: $("#viewer-open"), vMore: $("#more-like-this"), vFolder: $("#viewer-folder"),
     vCopy: $("#viewer-copy"), vPrev: $("#viewer-prev"), vNext: $("#viewer-next"), vClose: $("#viewer-close"),
   };
@@ -63,6 +64,11 @@
     const under = els.under.value.trim();
     if (under) p.set("under", under);
     els.underClear.hidden = !under;
+    const not = els.not.value.trim();
+    if (not) p.set("not", not);
+    const minScore = els.minScore.value.trim();
+    if (minScore) p.set("min_score", minScore);
+    if (els.allCopies.checked) p.set("all", "true");
     return p;
   }
 
@@ -162,7 +168,12 @@
 
   function folderNote() {
     const under = els.under.value.trim();
-    return under ? el("span", { text: " in ", class: "in" }, el("code", { text: under })) : "";
+    const not = els.not.value.trim();
+    const minScore = els.minScore.value.trim();
+    return el("span", {},
+      under ? el("span", { text: " in ", class: "in" }, el("code", { text: under })) : "",
+      not ? el("span", { text: " but not ", class: "not-note" }, el("q", { text: not })) : "",
+      minScore ? el("span", { class: "muted", text: ` · score ≥ ${minScore}` }) : "");
   }
 
   function dropQueryImage() {
@@ -190,7 +201,8 @@
       img.addEventListener("load", () => img.classList.add("loaded"));
       img.addEventListener("error", () => img.closest(".card").classList.add("broken"));
       const card = el("a", { class: "card", href: hit.image, "data-index": String(i), title: hit.path },
-        el("div", { class: "thumb" }, img, el("span", { class: "score", text: formatScore(hit.score) })),
+        el("div", { class: "thumb" }, img, el("span", { class: "score", text: formatScore(hit.score) }),
+          hit.copies > 1 ? el("span", { class: "copies", text: `×${hit.copies}`, title: `${hit.copies} identical files` }) : ""),
         el("div", { class: "meta" }, el("span", { class: "name", text: name })));
       card.addEventListener("click", (event) => {
         if (event.metaKey || event.ctrlKey || event.shiftKey || event.button !== 0) return;
@@ -228,6 +240,10 @@
     els.vDims.textContent = hit.width && hit.height ? `${hit.width} × ${hit.height} px` : "unknown";
     els.vSize.textContent = formatBytes(hit.size);
     els.vScore.textContent = formatScore(hit.score, 4);
+    const others = hit.copy_paths || [];
+    els.vCopies.replaceChildren(others.length ? `${hit.copies} identical files; also at:` : "none",
+      ...others.slice(0, 20).map((path) => el("code", { class: "copy-list", text: path })),
+      ...(others.length > 20 ? [el("span", { class: "copy-list", text: `and ${others.length - 20} more` })] : []));
     els.vRank.textContent = `#${hit.rank} of ${state.hits.length}`;
     els.vOpen.href = hit.image;
     els.vPrev.disabled = i === 0;
@@ -278,6 +294,11 @@
     if (els.k.value !== "24") p.set("k", els.k.value);
     const under = els.under.value.trim();
     if (under && (q || like)) p.set("under", under);
+    const not = els.not.value.trim();
+    if (not && (q || like)) p.set("not", not);
+    const minScore = els.minScore.value.trim();
+    if (minScore && (q || like)) p.set("min_score", minScore);
+    if (els.allCopies.checked && (q || like)) p.set("all", "true");
     const url = p.toString() ? `?${p}` : location.pathname;
     if (url !== location.search) history.pushState(null, "", url);
   }
@@ -286,6 +307,9 @@
     const p = new URLSearchParams(location.search);
     if (p.get("k")) els.k.value = p.get("k");
     els.under.value = p.get("under") || els.under.value;
+    els.not.value = p.get("not") || "";
+    els.minScore.value = p.get("min_score") || "";
+    els.allCopies.checked = p.get("all") === "true";
     if (p.get("q")) {
       els.q.value = p.get("q");
       searchText(p.get("q"), false);
@@ -316,6 +340,9 @@
   els.k.addEventListener("change", rerun);
   els.under.addEventListener("change", rerun);
   els.underClear.addEventListener("click", () => { els.under.value = ""; rerun(); });
+  els.not.addEventListener("change", rerun);
+  els.minScore.addEventListener("change", rerun);
+  els.allCopies.addEventListener("change", rerun);
   els.uploadBtn.addEventListener("click", () => els.file.click());
   els.file.addEventListener("change", () => { searchImage(els.file.files[0]); els.file.value = ""; });
   for (const chip of document.querySelectorAll("#examples .chip")) {
