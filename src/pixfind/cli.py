@@ -609,6 +609,10 @@ def info(
     if "size_bytes" in data:
         rows.append(("size on disk", _human_bytes(data["size_bytes"])))
     rows.append(("cpu precision", "{precision} ({reason})".format(**data["cpu_precision"])))
+    if data.get("watch"):  # a `pixfind serve --watch` answered
+        watched = data["watch"]
+        state = f"{watched['phase']}, {watched['batches']:,} batches"
+        rows.append(("watching", f"{', '.join(watched['folders'])} ({state})"))
     from .render import printable
 
     for name, value in rows:
