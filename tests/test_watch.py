@@ -9,6 +9,7 @@ latency itself is measured in benchmarks/watch_latency.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import pytest
 from conftest import cli_env, draw_photo
 from test_serve_live import ServeProcess
 
+from pixfind.errors import PixfindError
 from pixfind.ingest.report import IndexReport
 from pixfind.ingest.watch import Batcher, Touch, WatchedRoots, Watcher, outermost, touches_of
 from pixfind.pathkeys import key_of, path_of
@@ -306,6 +308,43 @@ def test_a_file_being_written_is_indexed_once_complete(index_factory, tmp_path: 
         assert not live.failures(), live.failures()
         assert live.stored(target).size == len(data)
         assert live.total("embedded") == 1
+
+
+def test_polling_finds_changes_but_takes_no_deletion_as_proof(index_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--poll (network drives): changes are found by looking; a file gone from a folder left
+    empty keeps its entry, as ``pixfind index`` keeps it (an unmounted drive looks the same)."""
+    folder = tmp_path / "photos"
+    save_photo(folder / "keep.jpg", 1)
+    with start_live(index_factory(), folder, poll=0.5) as live:
+        added = save_photo(folder / "drive" / "a.jpg", 2)
+        wait_for(lambda: live.stored(added), what="the new file found by polling")
+        added.unlink()
+        wait_for(lambda: any(report.empty for report in live.reports), what="the empty folder reported")
+        assert live.stored(added) is not None
+        second = save_photo(folder / "b.jpg", 3)
+        wait_for(lambda: live.stored(second), what="another file found")
+        second.unlink()  # in a folder that still holds a file: known gone
+        wait_for(lambda: live.stored(second) is None, what="the deleted file removed")
+
+
+def test_a_refused_watch_is_one_line_naming_the_fix(index_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    class Refusing:
+        def schedule(self, *args: Any, **kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+        def stop(self) -> None:
+            pass
+
+        def join(self, timeout: float | None = None) -> None:
+            pass
+
+    (tmp_path / "photos").mkdir()
+    watcher = Watcher(index_factory(), [str(tmp_path / "photos")])
+    watcher._make_observer = Refusing  # type: ignore[method-assign]
+    with pytest.raises(PixfindError) as refused:
+        watcher.start()
+    message = str(refused.value)
+    assert "\n" not in message and "max_user_watches" in message and "--poll" in message
 
 
 # -- the commands as a user runs them ------------------------------------------------------------
