@@ -115,6 +115,20 @@ def test_a_batch_waits_for_quiet() -> None:
     assert batcher.take() == [] and batcher.pending() == 0
 
 
+def test_a_burst_of_events_is_one_batch() -> None:
+    """Files copied one after another go together once the copy is quiet, not one by one."""
+    disk = FakeDisk(files={f"/p/{n}.jpg": (n, n) for n in range(4)})
+    batcher = Batcher(quiet=1.0, max_wait=10.0, clock=disk.clock, signature=disk.signature)
+    taken = []
+    for n in range(4):
+        disk.now = n * 0.8
+        batcher.touch(Touch(f"/p/{n}.jpg"))
+        taken.append(batcher.take())
+    disk.now = 3.5  # 1.1 s after the last event
+    taken.append(batcher.take())
+    assert taken == [[], [], [], [], [Touch(f"/p/{n}.jpg") for n in range(4)]]
+
+
 def test_a_file_still_growing_waits_for_a_later_batch() -> None:
     """A writer the watcher gets no event from (a memory-mapped write, a network drive): the
     size changed since the last event, so the file waits until two looks agree."""
@@ -496,6 +510,23 @@ def test_serve_watch_answers_searches_while_a_batch_is_indexed(served_watch: tup
     assert "indexed: 80 new" not in server.output, "the search waited for the whole batch"
     wait_for(lambda: "indexed: 80 new" in server.output, what=f"the batch's summary:\n{server.output}")
     assert found_by_search(server, folder / "copied" / "79.jpg")
+
+
+def test_watch_refuses_a_file_that_is_no_image(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    done = subprocess.run(
+        [sys.executable, "-m", "pixfind", "watch", str(notes), "--uri", str(tmp_path / "i.db")],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "pixfind: error: nothing can be watched in the folder or file given: see why above"
+    )
+    assert "not an image file" in done.stderr
 
 
 def test_watch_refuses_a_folder_that_does_not_exist(tmp_path: Path) -> None:

@@ -379,7 +379,11 @@ def watch(
         with _stop_on_sigint(stop), _stop_on_sigterm(stop):
             watcher.start()  # before the first run: a file written meanwhile is not missed
             try:
-                summarise(watcher.index_all(stop, RichProgress(disable=quiet or not err.is_terminal)))
+                first = watcher.index_all(stop, RichProgress(disable=quiet or not err.is_terminal))
+                summarise(first)
+                if first.nothing_read:
+                    what = "the folder or file" if len(folders) == 1 else "any of the folders or files"
+                    raise PixfindError(f"nothing can be watched in {what} given: see why above")
                 if not stop.is_set():
                     if not quiet:
                         where = str(folders[0]) if len(folders) == 1 else f"{len(folders)} folders"

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..config import debug_enabled
 from ..errors import PixfindError
 from ..pathkeys import key_of, path_of
 from .decode import has_image_extension
@@ -506,6 +507,12 @@ def watching_in_background(watcher: Watcher | None, say: Callable[[str], None]) 
         except PixfindError as exc:
             watcher.state.phase = "failed"
             say(f"pixfind: watch stopped: {exc}")
+        except Exception as exc:  # the server goes on answering searches; the watch says why it ended
+            if debug_enabled():
+                raise
+            watcher.state.phase = "failed"
+            what = f"{type(exc).__name__}: {exc}"
+            say(f"pixfind: watch stopped: internal error: {what} (set PIXFIND_DEBUG=1 for details)")
 
     thread = threading.Thread(target=work, name="pixfind-watch", daemon=True)
     thread.start()
