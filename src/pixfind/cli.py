@@ -313,6 +313,103 @@ class _stop_on_sigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
+# -- watch -----------------------------------------------------------------------------------
+
+PollOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--poll",
+        min=0.5,
+        help="Look at the folders every SECONDS instead of waiting for the system's file events "
+        "(network drives, where none arrive).",
+    ),
+]
+
+
+@app.command()
+def watch(
+    folders: Annotated[
+        list[Path],
+        typer.Argument(help="Folders (or single images) to index and keep current.", show_default=False),
+    ],
+    uri: UriOpt = None,
+    token: TokenOpt = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    checkpoint: CheckpointOpt = None,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model call.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads.")] = None,
+    poll: PollOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summaries.")] = False,
+    wait: WaitOpt = False,
+) -> None:
+    """Index FOLDERS, then keep the index current as files are added, changed, moved or deleted (Ctrl-C stops)."""
+    from .ingest.watch import Watcher
+
+    stop = threading.Event()
+    with _open(
+        uri,
+        token,
+        collection,
+        model=model,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        wait=wait,
+        batch_size=batch_size,
+        workers=workers,
+    ) as idx:
+        watcher = Watcher(idx, [str(folder) for folder in folders], poll=poll)
+        spec_noted = False
+
+        def summarise(result: Any) -> None:
+            nonlocal spec_noted
+            if quiet:
+                return
+            from .render import summary_lines
+
+            for line in summary_lines(result):
+                _say(line)
+            if result.embedded and not spec_noted:
+                spec_noted = True
+                _note_random_weights(idx.model_spec())
+
+        with _stop_on_sigint(stop), _stop_on_sigterm(stop):
+            watcher.start()  # before the first run: a file written meanwhile is not missed
+            try:
+                first = watcher.index_all(stop, RichProgress(disable=quiet or not err.is_terminal))
+                summarise(first)
+                if first.nothing_read:
+                    what = "the folder or file" if len(folders) == 1 else "any of the folders or files"
+                    raise PixfindError(f"nothing can be watched in {what} given: see why above")
+                if not stop.is_set():
+                    if not quiet:
+                        where = str(folders[0]) if len(folders) == 1 else f"{len(folders)} folders"
+                        _say(f"watching {where} for changes (Ctrl-C to stop)")
+                    watcher.run(stop, summarise)
+            finally:
+                watcher.close()
+    raise typer.Exit(130)
+
+
+class _stop_on_sigterm:
+    """SIGTERM (a service manager stopping ``pixfind watch``) stops it as Ctrl-C does."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self._previous: Any = None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.stop.set())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 # -- remove ----------------------------------------------------------------------------------
 
 
@@ -555,6 +652,10 @@ def info(
     if "size_bytes" in data:
         rows.append(("size on disk", _human_bytes(data["size_bytes"])))
     rows.append(("cpu precision", "{precision} ({reason})".format(**data["cpu_precision"])))
+    if data.get("watch"):  # a `pixfind serve --watch` answered
+        watched = data["watch"]
+        state = f"{watched['phase']}, {watched['batches']:,} batches"
+        rows.append(("watching", f"{', '.join(watched['folders'])} ({state})"))
     from .render import printable
 
     for name, value in rows:
@@ -607,13 +708,23 @@ def serve(
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Share on the network WITHOUT a password (trusted networks only).")
     ] = False,
+    watch: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--watch",
+            help="Index this folder and keep it current while serving (repeat for more folders): "
+            "the server is then the one writer of an embedded index, searched meanwhile.",
+        ),
+    ] = None,
+    poll: PollOpt = None,
 ) -> None:
     """A web page and JSON API for searching the index, with the model loaded once."""
     from .web.access import read_password_file
     from .web.server import serve as run_server
 
     password = read_password_file(password_file) if password_file else None
-    index = _open(uri, token, collection, device=device, wait=wait, create=False, search_ef=ef)
+    # --watch may make the index: a new one is created by its first run
+    index = _open(uri, token, collection, device=device, wait=wait, create=bool(watch), search_ef=ef)
     run_server(
         index.settings,
         host=host,
@@ -623,6 +734,8 @@ def serve(
         exact=exact,
         password=password,
         no_auth=no_auth,
+        watch=[str(folder) for folder in watch or []],
+        poll=poll,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from ..api import ImageIndex
     from ..config import Settings
+    from ..ingest.watch import Watcher
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -83,6 +84,8 @@ def serve(
     exact: bool = False,
     password: str | None = None,
     no_auth: bool = False,
+    watch: Sequence[str] = (),
+    poll: float | None = None,
 ) -> None:
     """Run the web app until Ctrl+C. ``pixfind serve`` calls this. ``exact``: keep exact search
     on a large embedded index instead of :meth:`ImageIndex.optimize_for_queries`.
@@ -90,10 +93,13 @@ def serve(
     ``settings``: where the index is (``Settings.from_env()`` when None). ``port`` 0 picks a free
     one. ``thumb_dir``: thumbnail cache (default: ``<cache dir>/thumbs``). ``index``: an index
     already open (it is closed on exit either way). ``password``/``no_auth``: see
-    :func:`decide_access`. Raises :class:`PixfindError` for problems the user can fix (index locked
-    or unreachable, port taken, a password too short).
+    :func:`decide_access`. ``watch``: folders to index and keep current while serving
+    (:mod:`pixfind.ingest.watch`; ``poll``: seconds between polls instead of file events).
+    Raises :class:`PixfindError` for problems the user can fix (index locked or unreachable,
+    port taken, a password too short, a folder that cannot be watched).
     """
     from ..config import Settings, cache_dir
+    from ..ingest.watch import watching_in_background
 
     say = echo or (lambda line: print(line, flush=True))
     settings = settings or Settings.from_env()
@@ -116,6 +122,7 @@ def serve(
             allowed_hosts=access.allowed_hosts,
             credentials=access.credentials,
         )
+        watcher = _watcher(index, app, watch, poll)  # a folder that cannot be watched fails here
         url = f"http://{_shown_host(host)}:{bound_port}/"
         say(f"pixfind: serving {_what_is_served(index, settings)} at {url}")
         for line in access.lines:
@@ -123,11 +130,29 @@ def serve(
         say(f"  API documentation: {url}docs · press Ctrl+C to stop")
         server = make_server(app, transport, log_level)
         _exit_cleanly_on_sigterm()
-        with contextlib.suppress(KeyboardInterrupt), _announce(index, bound, bound_port, access.credentials):
+        with (
+            contextlib.suppress(KeyboardInterrupt),
+            _announce(index, bound, bound_port, access.credentials),
+            watching_in_background(watcher, say),
+        ):
             server.run(sockets=[sock])
     finally:
         sock.close()
         index.close()
+
+
+def _watcher(index: ImageIndex, app: FastAPI, folders: Sequence[str], poll: float | None) -> Watcher | None:
+    """The watch of ``folders``, receiving events already; its batches take the routes' index
+    lock, and ``/api/info`` says what it is doing."""
+    if not folders:
+        return None
+    from ..ingest.watch import Watcher
+
+    service = app.state.pixfind
+    watcher = Watcher(index, folders, poll=poll, lock=service.lock)
+    watcher.start()
+    service.watch_state = watcher.state.to_dict
+    return watcher
 
 
 def _ready_for_queries(index: ImageIndex, exact: bool, say: Callable[[str], None]) -> None:

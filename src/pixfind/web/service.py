@@ -78,6 +78,7 @@ class WebService:
         # Decoding is what an upload costs in memory: a few at a time, always on the same threads,
         # so memory one decode freed is reused by the next (each thread has its own malloc arena).
         self.decoder = ThreadPoolExecutor(limits.upload_decodes, thread_name_prefix="pixfind-upload")
+        self.watch_state: Callable[[], dict[str, Any]] | None = None  # set by `pixfind serve --watch`
 
     def close(self) -> None:
         self.decoder.shutdown(wait=False, cancel_futures=True)
@@ -128,6 +129,8 @@ class WebService:
             "max_query_chars": MAX_QUERY_CHARS,
             "max_results": MAX_RESULTS,
         }
+        if self.watch_state is not None:
+            data["watch"] = self.watch_state()
         return data
 
     # -- indexed files
