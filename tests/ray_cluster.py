@@ -65,6 +65,10 @@ class LocalRayCluster:
     cluster: Any = None
     worker_nodes: list[Any] = field(default_factory=list)
     _pids: set[int] = field(default_factory=set)
+    #: The processes the cluster started directly (nodes' GCS, raylets, agents): the cluster is
+    #: these and their descendants, never another child of this process (a Milvus server that
+    #: the same test session started, say).
+    _roots: set[int] = field(default_factory=set)
     _saved_env: dict[str, str | None] = field(default_factory=dict)
     _own_folder: bool = False
 
@@ -78,9 +82,10 @@ class LocalRayCluster:
                 f"{MAX_FOLDER_CHARS} characters"
             )
         self._set_env({**RAY_ENV, "RAY_TMPDIR": str(self.folder)})
+        others = _children_of(os.getpid())
         began = time.monotonic()
         try:
-            self._start_nodes()
+            self._start_nodes(others)
             self.start_s = time.monotonic() - began
             self.check_loopback()
         except BaseException:
@@ -88,11 +93,12 @@ class LocalRayCluster:
             raise
         return self
 
-    def _start_nodes(self) -> None:
+    def _start_nodes(self, others: set[int]) -> None:
         import ray
         from ray.cluster_utils import Cluster
 
         assert self.folder is not None
+        before = _children_of(os.getpid())
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -109,6 +115,7 @@ class LocalRayCluster:
                 },
             },
         )
+        self._roots |= _children_of(os.getpid()) - before - others
         for _ in range(self.workers):
             self.add_worker()
         self.cluster.wait_for_nodes()
@@ -116,9 +123,11 @@ class LocalRayCluster:
         self._pids |= self._descendants()
 
     def add_worker(self) -> Any:
+        before = _children_of(os.getpid())
         node = self.cluster.add_node(
             num_cpus=self.cpus_per_worker, memory=self.worker_memory, object_store_memory=self.object_store_memory
         )
+        self._roots |= _children_of(os.getpid()) - before
         self.worker_nodes.append(node)
         self._pids |= self._descendants()
         return node
@@ -197,6 +206,7 @@ class LocalRayCluster:
         for pid in survivors:
             os.kill(pid, signal.SIGKILL)
         self._pids.clear()
+        self._roots.clear()
         self._restore_env()
         if self._own_folder and self.folder is not None:
             import shutil
@@ -214,7 +224,11 @@ class LocalRayCluster:
     # -- helpers ------------------------------------------------------------------------------
 
     def _descendants(self) -> set[int]:
-        return _descendants(os.getpid())
+        """The cluster's live processes (see ``_roots``)."""
+        found = {pid for pid in self._roots if _alive(pid)}
+        for pid in self._roots:
+            found |= _descendants(pid)
+        return found
 
     def _set_env(self, values: dict[str, str]) -> None:
         for name, value in values.items():
@@ -278,6 +292,18 @@ def _descendants(pid: int) -> set[int]:
                 out.add(child)
                 todo.append(child)
     return out
+
+
+def _children_of(pid: int) -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.add(int(entry))
+            except OSError:
+                continue
+    return children
 
 
 def _alive(pid: int) -> bool:

@@ -154,6 +154,15 @@ def index(
         Path | None, typer.Option("--report", help="Write the run's summary and every failure as JSON.")
     ] = None,
     wait: WaitOpt = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            flag_value="",
+            help="Embed on a Ray cluster: --ray (RAY_ADDRESS or this machine's cluster) or --ray HOST:6379. "
+            "Needs pip install 'pixfind[ray]'.",
+        ),
+    ] = None,
 ) -> None:
     """Embed every image under FOLDERS; re-runs only embed new or changed files and drop deleted ones."""
     if report:
@@ -177,7 +186,7 @@ def index(
         # from here a Ctrl-C (also during the scan or the model load) stops after the current
         # batch and keeps what was written; before it there is nothing to save
         with _stop_on_sigint(stop):
-            result = idx.add(*folders, progress=progress, stop=stop)
+            result = idx.add(*folders, progress=progress, stop=stop, ray=True if ray == "" else ray or False)
         spec = idx.model_spec()
     if report:
         from .render import json_text
