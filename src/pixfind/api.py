@@ -31,6 +31,7 @@ from .store import Store, check_same_model
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .ingest.ray_runner import RayOptions
     from .ingest.report import IndexReport, Progress
     from .models.base import Encoder
     from .search import Hit
@@ -159,10 +160,11 @@ class ImageIndex:
         stop: threading.Event | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
-        ray: bool | str = False,
+        ray: bool | str | RayOptions = False,
     ) -> IndexReport:
         """Index (or re-index, incrementally) image files under ``folders``. ``ray``: embed on a
-        Ray cluster (True: ``$RAY_ADDRESS`` or this machine's; or its address), see
+        Ray cluster (True: ``$RAY_ADDRESS`` or this machine's; its address; or
+        :class:`~pixfind.ingest.ray_runner.RayOptions`), see
         :mod:`pixfind.ingest.ray_runner`; the scan, plan and prune stay here."""
         from .ingest.runner import Indexer
 
@@ -198,7 +200,7 @@ class ImageIndex:
         self,
         folders: tuple[str | Path, ...],
         spec: ModelSpec,
-        ray: bool | str,
+        ray: bool | str | RayOptions,
         progress: Progress | None,
         stop: threading.Event | None,
         batch_size: int | None,
@@ -206,7 +208,9 @@ class ImageIndex:
     ) -> IndexReport:
         from .ingest.ray_runner import RayIndexer, ray_options
 
-        options = replace(ray_options(ray), embed_batch=batch_size or self.settings.batch_size)
+        options = ray_options(ray)
+        if batch_size or self.settings.batch_size:
+            options = replace(options, embed_batch=batch_size or self.settings.batch_size)
         indexer = RayIndexer(self.store, spec, self.settings, options, progress=progress, stop=stop, workers=workers)
         return indexer.run([str(f) for f in folders])
 

@@ -23,7 +23,8 @@ size (``resize_crop``, the pixel contract), read from open_clip's configuration;
 hands each crop to its encoder's own ``preprocess`` (the identity for uint8 runtimes, the
 transform's float output for torch on the CPU), so the vectors are a local run's.
 
-The image files must be readable at the same paths on every node (a shared file system).
+The image files must be readable at the same paths on every node (a shared file system), and
+the driver must run on a node of the cluster (it reads the manifest there), not through ``ray://``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -74,9 +76,15 @@ class RayOptions:
     decode_batch: int = 16  # files per decode task: small blocks keep every CPU busy
     embed_batch: int | None = None  # images per model call (None: 256 with GPUs, else 16)
     actors: int | None = None  # embedder actors (None: one per GPU, else one)
-    actor_cpus: float = 1.0  # CPUs reserved per embedder actor (its model threads on a CPU)
+    actor_cpus: float = 1.0  # CPUs reserved per embedder actor
+    #: Model threads per actor on a CPU (None: the settings' threads, else one per reserved CPU):
+    #: more than its CPUs and inference fights the decode tasks for the cores.
+    threads: int | None = None
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     actor_memory: int = EMBED_MEMORY
+    #: A folder every node reads at the same path (the work list is written there, in a folder of
+    #: its own, removed after the run); None: a temporary folder on the driver, read on its node.
+    manifest_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,13 +319,14 @@ class RayIndexer(Indexer):
 
     def _embed(self, todo: list[WorkItem], report: IndexReport, planned_on_rows: bool) -> None:
         shape = model_shape(self.spec)
-        self.store.ensure(self.spec, shape.dim)
-        if not planned_on_rows and self.store.count() > 0:
-            todo = not_stored_meanwhile(self.store, todo, report)
-        if not todo:
-            return
         self.progress.status(f"connecting to Ray{' at ' + self.options.address if self.options.address else ''}")
-        with self._connected(), tempfile.TemporaryDirectory(prefix="pixfind-manifest-") as folder:
+        where = self.options.manifest_dir
+        with self._connected(), tempfile.TemporaryDirectory(prefix="pixfind-manifest-", dir=where) as folder:
+            self.store.ensure(self.spec, shape.dim)  # a new Lite file only once the cluster answered
+            if not planned_on_rows and self.store.count() > 0:
+                todo = not_stored_meanwhile(self.store, todo, report)
+            if not todo:
+                return
             dataset = self._dataset(write_manifest(todo, folder), shape)
             self.progress.start_embedding(len(todo))
             started = time.perf_counter()
@@ -334,13 +343,16 @@ class RayIndexer(Indexer):
         if ray.is_initialized():
             yield
             return
+        check_reachable(self.options.address)
         try:
             ray.init(address=self.options.address or "auto", log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = self.options.address or "$RAY_ADDRESS or this machine"
+            if self.options.address:
+                found = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise PixfindError(f"cannot join the Ray cluster at {self.options.address}: {found}") from None
             raise PixfindError(
-                f"no Ray cluster at {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): "
-                "start one (ray start --head) or give its address, e.g. --ray HOST:6379"
+                "no Ray cluster found (RAY_ADDRESS is unset and none runs on this machine): start one "
+                "(ray start --head) or give its address: --ray-address HOST:6379"
             ) from None
         try:
             yield
@@ -361,13 +373,17 @@ class RayIndexer(Indexer):
         embed_batch_size = self.options.embed_batch or self.settings.batch_size or (256 if gpus else 16)
         min_side = draft_side_for(shape.image_size) if self.draft else None
         model_settings = self.settings
-        if model_settings.threads is None and not gpus:
-            # one model thread per reserved CPU: more would fight the decode tasks for cores
-            from dataclasses import replace
-
-            model_settings = replace(model_settings, threads=max(1, int(self.options.actor_cpus)))
+        threads = self.options.threads or self.settings.threads
+        if not gpus:
+            model_settings = replace(model_settings, threads=threads or max(1, int(self.options.actor_cpus)))
         self._check_room(gpus)
-        dataset = ray.data.read_parquet(manifest)
+        # A manifest on the driver's own disk (local://) is read on the driver's node, by tasks that
+        # need no CPU there (a head node commonly offers none). Ray Data deprecates local:// for
+        # 2027: RayOptions.manifest_dir on shared storage is the lasting way.
+        shared = self.options.manifest_dir is not None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local://.*deprecated", category=DeprecationWarning)
+            dataset = ray.data.read_parquet(manifest if shared else f"local://{manifest}", num_cpus=0)
         dataset = dataset.repartition(target_num_rows_per_block=self.options.decode_batch)
         dataset = dataset.map_batches(
             decode_rows,
@@ -490,6 +506,25 @@ def write_manifest(todo: Sequence[WorkItem], folder: str) -> str:
     return folder
 
 
-def ray_options(ray: bool | str) -> RayOptions:
-    """The API's ``ray=`` argument: True for ``$RAY_ADDRESS`` or this machine's cluster, or an address."""
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` that does not answer is one line now: Ray itself retries for minutes."""
+    if not address or "://" in address or address == "auto" or ":" not in address:
+        return
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise PixfindError(
+            f"no Ray cluster answers at {address} ({exc}): check the address (the head's GCS port, 6379 by default)"
+        ) from None
+
+
+def ray_options(ray: bool | str | RayOptions) -> RayOptions:
+    """The API's ``ray=`` argument: True for ``$RAY_ADDRESS`` or this machine's cluster, an
+    address, or the options themselves."""
+    if isinstance(ray, RayOptions):
+        return ray
     return RayOptions(address="" if ray is True else str(ray).strip())
