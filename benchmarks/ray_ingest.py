@@ -55,10 +55,8 @@ def main() -> int:
     from pixfind.ingest.ray_runner import RayOptions
 
     folder = args.folder or photo_dir(args.photos)
-    print(
-        f"{sum(1 for _ in folder.glob('*.jpg'))} photos in {folder}; load {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores",
-        flush=True,
-    )
+    count = sum(1 for _ in folder.glob("*.jpg"))
+    print(f"{count} photos in {folder}; load {os.getloadavg()[0]:.1f}; {os.cpu_count()} cores", flush=True)
     with ImageIndex(uri=str(Path("/tmp") / f"warm-{uuid.uuid4().hex[:8]}.db")) as warm:
         warm.load_encoder()  # a first run's export for the CPU, cached for both runs (not timed)
     options = RayOptions(decode_batch=args.decode_batch, actor_cpus=args.actor_cpus, threads=args.ray_threads)
