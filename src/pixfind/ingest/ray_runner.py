@@ -312,6 +312,7 @@ class RayIndexer(Indexer):
         self.settings = settings
         self.options = options
         self.ray = import_ray()  # before any scan: a missing extra is one line at once
+        self._polled = 0  # rows the workers reported done (server runs)
 
     @staticmethod
     def _no_local_model() -> Encoder:
@@ -367,7 +368,9 @@ class RayIndexer(Indexer):
         # Ray's advice on memory reservations would break into the progress line; the
         # reservation is a scheduling figure, documented with RayOptions.actor_memory.
         context.issue_detectors_config.detectors = []
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(
+            logging.ERROR
+        )  # its start lines and notices would break the progress line
         gpus = self._gpus_per_actor()
         actors = self.options.actors or (max(1, int(self.ray.cluster_resources().get("GPU", 0))) if gpus else 1)
         embed_batch_size = self.options.embed_batch or self.settings.batch_size or (256 if gpus else 16)
@@ -459,8 +462,6 @@ class RayIndexer(Indexer):
             self._count(report, sink.written, sink.updates, sink.failed)
         else:  # interrupted: what the counter saw (rows are stored; the next run skips them)
             report.embedded = min(self._polled, total)
-
-    _polled = 0
 
     def _watch(self, counter: Any, total: int, finished: threading.Event, on_main: bool) -> None:
         """Progress from the counter; on a stop request, interrupt the job (Ray Data stops its
