@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from milvus_server import MilvusServer
 from PIL import Image
+from ray_cluster import MAX_FOLDER_CHARS, LocalRayCluster
 
 from pixfind.store import Store
 
@@ -204,6 +205,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         else:
             raise pytest.UsageError(f"PIXFIND_TEST_ORDER={order!r}: use reverse or shuffle:SEED")
     items[:] = [item for group in modules.values() for item in group]
+
+
+# -- a Ray cluster on loopback ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
+    """Ray on 127.0.0.1: a head with no CPUs and three 1-CPU worker nodes, for the session.
+
+    Tests that remove a node add one back (``add_worker``), so the next test finds three. Ray's
+    folder is under the session's tmp folder when that path is short enough for Ray's sockets.
+    """
+    folder = tmp_path_factory.mktemp("ray")
+    cluster = LocalRayCluster(folder=folder if len(str(folder)) <= MAX_FOLDER_CHARS else None).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # -- no silent skips in CI -------------------------------------------------------------------------

@@ -218,6 +218,12 @@ class MilvusServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
 
+    def process_ids(self) -> set[int]:
+        """The live processes this server runs (supervisor, wrapper, standalone): for memory figures."""
+        if self._proc is None:
+            return set()
+        return {pid for pid in {self._proc.pid} | _descendants(self._proc.pid) if _alive(pid)}
+
     def _log_tail(self) -> str:
         if self.data_dir is None:
             return ""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .duplicates import DuplicateGroup
+    from .ingest.ray_runner import RayOptions
     from .ingest.report import IndexReport, Progress
     from .models.base import Encoder
     from .parquet import ExportReport
@@ -162,8 +163,12 @@ class ImageIndex:
         stop: threading.Event | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
+        ray: bool | str | RayOptions = False,
     ) -> IndexReport:
-        """Index (or re-index, incrementally) image files under ``folders``."""
+        """Index (or re-index, incrementally) image files under ``folders``. ``ray``: embed on a
+        Ray cluster (True: ``$RAY_ADDRESS`` or this machine's; its address; or
+        :class:`~pixfind.ingest.ray_runner.RayOptions`), see
+        :mod:`pixfind.ingest.ray_runner`; the scan, plan and prune stay here."""
         from .ingest.runner import Indexer
 
         if not folders:
@@ -176,6 +181,8 @@ class ImageIndex:
             check_device(self.settings.device)  # as a search would, even when no image is new
             if self.store.info() is None:
                 check_model_name(spec)  # a typo must not pass silently because no image was new
+        if ray:
+            return self._add_on_ray(folders, spec, ray, progress, stop, batch_size, workers)
         indexer = Indexer(
             self.store,
             lambda: self.load_encoder(getattr(progress, "status", None)),  # a caller's Progress may predate it
@@ -191,6 +198,24 @@ class ImageIndex:
         if not self._optimized:
             self.store.restore_index()  # an IVF index left by a killed `pixfind serve`
         return report
+
+    def _add_on_ray(
+        self,
+        folders: tuple[str | Path, ...],
+        spec: ModelSpec,
+        ray: bool | str | RayOptions,
+        progress: Progress | None,
+        stop: threading.Event | None,
+        batch_size: int | None,
+        workers: int | None,
+    ) -> IndexReport:
+        from .ingest.ray_runner import RayIndexer, ray_options
+
+        options = ray_options(ray)
+        if batch_size or self.settings.batch_size:
+            options = replace(options, embed_batch=batch_size or self.settings.batch_size)
+        indexer = RayIndexer(self.store, spec, self.settings, options, progress=progress, stop=stop, workers=workers)
+        return indexer.run([str(f) for f in folders])
 
     def remove(self, *paths: str | Path) -> int:
         """Drop the entries of these files, and of every file under these folders, whether they

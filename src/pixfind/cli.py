@@ -154,6 +154,18 @@ def index(
         Path | None, typer.Option("--report", help="Write the run's summary and every failure as JSON.")
     ] = None,
     wait: WaitOpt = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Embed on a Ray cluster: RAY_ADDRESS or this machine's (ray start --head), or --ray-address. "
+            "Needs pip install 'pixfind[ray]'.",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="The Ray cluster for --ray (implies it): HOST:6379 or ray://HOST:10001."),
+    ] = None,
 ) -> None:
     """Embed every image under FOLDERS; re-runs only embed new or changed files and drop deleted ones."""
     if report:
@@ -177,7 +189,7 @@ def index(
         # from here a Ctrl-C (also during the scan or the model load) stops after the current
         # batch and keeps what was written; before it there is nothing to save
         with _stop_on_sigint(stop):
-            result = idx.add(*folders, progress=progress, stop=stop)
+            result = idx.add(*folders, progress=progress, stop=stop, ray=ray_address or ray)
         spec = idx.model_spec()
     if report:
         from .render import json_text

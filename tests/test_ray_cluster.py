@@ -1,0 +1,85 @@
+"""The local Ray cluster the distributed index runner is tested on: loopback only, the CPUs it
+promises, and a Ray Data job that loses a node half-way and still returns every item once."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from ray_cluster import LocalRayCluster
+
+ITEMS = 600
+BLOCKS = 24
+
+
+def outward_addresses() -> set[str]:
+    """This machine's non-loopback IPv4 addresses: the source address of a route to each
+    documentation network (a UDP connect sends nothing), and what the host name resolves to."""
+    found = set()
+    for target in ("192.0.2.1", "198.51.100.1", "203.0.113.1", "10.255.255.255"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+            sock.connect((target, 9))
+            found.add(sock.getsockname()[0])
+    with contextlib.suppress(OSError):
+        found |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    return {addr for addr in found if not addr.startswith("127.")}
+
+
+def connects(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def test_cluster_is_on_loopback_with_three_one_cpu_workers(local_ray: LocalRayCluster) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert sorted(n["Resources"].get("CPU", 0) for n in nodes) == [0, 1, 1, 1]
+    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+    assert ray.cluster_resources()["memory"] == local_ray.head_memory + 3 * local_ray.worker_memory
+
+    # Every port the cluster listens on answers on 127.0.0.1 and refuses on the outward address.
+    ports = local_ray.listening_ports()
+    assert ports, "the cluster listens on no TCP port at all?"
+    assert all(connects("127.0.0.1", port) for port in ports)
+    outward = outward_addresses()
+    assert outward, "no outward address found to probe"
+    assert not [(addr, port) for addr in outward for port in ports if connects(addr, port)]
+
+
+def test_ray_data_job_survives_a_node_removed_mid_run(local_ray: LocalRayCluster) -> None:
+    import ray
+    import ray.data
+
+    def slow_identity(batch: dict) -> dict:  # long enough that the job is mid-run when a node goes
+        time.sleep(0.3)
+        node = ray.get_runtime_context().get_node_id()
+        return {"id": batch["id"], "node": [node] * len(batch["id"])}
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.range(ITEMS, override_num_blocks=BLOCKS).map_batches(slow_identity, batch_size=None)
+    seen: list[int] = []
+    removed = None
+    try:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            seen.extend(batch["id"].tolist())
+            if removed is None:  # the node that just finished a block is busy with the next one
+                removed = local_ray.remove_worker(str(batch["node"][0]))
+        assert removed is not None
+        assert len(seen) == ITEMS and sorted(seen) == list(range(ITEMS))  # each item once
+        assert local_ray.cpus() == 2
+        assert removed not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        if removed is not None:
+            local_ray.add_worker()
+    assert local_ray.cpus() == 3
+
+
+def test_a_folder_too_long_for_ray_sockets_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    folder = tmp_path / ("x" * 80)
+    with pytest.raises(RuntimeError, match="too long for Ray's socket paths"):
+        LocalRayCluster(folder=folder).start()
