@@ -30,7 +30,8 @@ from test_serve_live import ServeProcess
 
 from pixfind.errors import PixfindError
 from pixfind.ingest.report import IndexReport
-from pixfind.ingest.watch import Batcher, Touch, WatchedRoots, Watcher, outermost, touches_of
+from pixfind.ingest.watch import Watcher, outermost
+from pixfind.ingest.watch_events import Batcher, Touch, WatchedRoots, touches_of
 from pixfind.pathkeys import key_of, path_of
 
 SETTLE_S = 20.0  # what "within a few seconds" may take on a busy shared machine
