@@ -43,9 +43,9 @@ def duplicates(
     wait: WaitOpt = False,
 ) -> None:
     """Groups of near-identical images (copies, resized, re-encoded, lightly cropped), largest first."""
-    from ..countbar import CountBar
     from ..duplicates import DEFAULT_THRESHOLD, check_threshold
     from ..render import duplicates_table, human_bytes, json_text
+    from .countbar import CountBar
 
     limit = check_threshold(DEFAULT_THRESHOLD if threshold is None else threshold)  # before opening the index
     with (
@@ -87,9 +87,9 @@ def export(
     wait: WaitOpt = False,
 ) -> None:
     """Write every stored vector with its path and record to a Parquet file (for pandas, pyarrow...)."""
-    from ..countbar import CountBar
     from ..parquet import check_target
     from ..render import format_duration
+    from .countbar import CountBar
 
     check_target(output.expanduser().absolute(), force)  # before opening the index
     with (
