@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SMALL_MODEL
 
-from pixfind.config import ModelSpec
+from pixfind.config import ModelSpec, cache_dir
 from pixfind.errors import PixfindError
 from pixfind.store import Store, milvus
 
@@ -80,8 +80,10 @@ def test_a_lite_file_another_program_holds_is_refused(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".held.db.lock")], stdout=subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == b"1"
+        homes = set((cache_dir() / "milvus-lite").glob("engine-*"))
         with pytest.raises(PixfindError, match="a program other than pixfind has it open"):
             Store(uri)
+        assert set((cache_dir() / "milvus-lite").glob("engine-*")) == homes  # the refused start left no folder
     finally:
         holder.kill()
         holder.wait()

@@ -123,6 +123,7 @@ def _start(key: str, command: EngineCommand) -> LiteEngine | None:
         fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.close()
+        shutil.rmtree(command.home, ignore_errors=True)
         return None  # another program has the file open
     process = None
     try:
