@@ -147,7 +147,7 @@ def test_clear_errors(index_factory, tmp_path: Path) -> None:
         idx.search("dog")
     with pytest.raises(PixfindError, match="empty query"):
         idx.store  # noqa: B018 - keep the index open
-        from pixfind.search import check_query
+        from pixfind.limits import check_query
 
         check_query("   ")
 

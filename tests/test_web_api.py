@@ -108,7 +108,7 @@ def test_one_set_of_limits_the_readme_states(client: TestClient, capsys: pytest.
     (the CLI forwards queries to a running server)."""
     from pixfind.cli import main
     from pixfind.errors import PixfindError
-    from pixfind.search import check_limit, check_query
+    from pixfind.limits import check_limit, check_query
 
     limits = readme_limits()
     longest, most = "a" * limits["query_chars"], limits["results"]

@@ -11,9 +11,8 @@ import numpy as np
 
 from .errors import PixfindError
 from .ingest.decode import ImageLoadError, load_image
-from .limits import check_limit, check_query
 from .pathkeys import key_of
-from .store import SearchHit, Store
+from .store import Store
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,10 +51,6 @@ def resolve_under(under: str | None) -> str | None:
     return os.path.realpath(os.path.expanduser(under))
 
 
-def text_vector(encoder: Encoder, text: str) -> np.ndarray:
-    return encoder.encode_texts([check_query(text)])[0]
-
-
 def image_vector(encoder: Encoder, image: str | Path | Image.Image) -> np.ndarray:
     if isinstance(image, (str, Path)):
         if Path(image).is_dir():
@@ -89,12 +84,3 @@ def candidate_paths(path: str) -> list[str]:
     """Ways an indexed file may be named: as given, absolute, and with links resolved."""
     expanded = os.path.expanduser(path)
     return [expanded, os.path.abspath(expanded), os.path.realpath(expanded)]
-
-
-def nearest(store: Store, vector: np.ndarray, limit: int, under: str | None = None) -> list[Hit]:
-    results = store.search([vector], limit=check_limit(limit), folder=resolve_under(under))
-    return [_to_hit(rank, hit) for rank, hit in enumerate(results[0], start=1)]
-
-
-def _to_hit(rank: int, hit: SearchHit) -> Hit:
-    return Hit(rank=rank, score=hit.score, path=hit.path, width=hit.width, height=hit.height, size=hit.size)

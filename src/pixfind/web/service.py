@@ -96,9 +96,6 @@ class WebService:
         except PixfindError as exc:
             raise ApiError(409, str(exc)) from exc
 
-    def search(self, text: str, k: int, under: str | None, **options: Any) -> list[Hit]:
-        return self.call(self.index.search, text, limit=k, under=under, **options)
-
     def search_image(self, image: Image.Image, k: int, under: str | None, **options: Any) -> list[Hit]:
         return self.call(self.index.search_image, image, limit=k, under=under, **options)
 
