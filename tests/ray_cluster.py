@@ -24,6 +24,8 @@ Run it by hand (prints start time, nodes and memory, then stops)::
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -32,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 MIB = 1 << 20
 #: Environment of the driver and (inherited) of every node process.
@@ -157,17 +161,13 @@ class LocalRayCluster:
 
     def listeners(self) -> set[tuple[str, int]]:
         """(address, port) of every listening TCP socket of the cluster's processes and this driver."""
-        pids = self._descendants() | {os.getpid()}
-        inodes = set()
-        for pid in pids:
-            try:
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-            except OSError:
-                continue
-        return {(addr, port) for addr, port, inode in _tcp_listeners() if inode in inodes}
+        found = set()
+        for pid in self._descendants() | {os.getpid()}:
+            with contextlib.suppress(psutil.Error):
+                for conn in psutil.Process(pid).net_connections(kind="tcp"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        found.add((_unmapped(conn.laddr.ip), conn.laddr.port))
+        return found
 
     def check_loopback(self) -> None:
         nodes = self.node_addresses()
@@ -246,72 +246,30 @@ class LocalRayCluster:
         self._saved_env.clear()
 
 
-def _tcp_listeners() -> list[tuple[str, int, str]]:
-    """(address, port, socket inode) of every listening TCP socket, from /proc/net/tcp{,6}."""
-    out = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] != "0A":  # LISTEN
-                continue
-            address, port = parts[1].split(":")
-            out.append((_address(address, width), int(port, 16), parts[9]))
-    return out
-
-
-def _address(hex_addr: str, width: int) -> str:
-    import ipaddress
-
-    raw = bytes.fromhex(hex_addr)
-    # /proc prints each 32-bit word in host (little-endian) order
-    ordered = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    if width == 8:
-        return str(ipaddress.IPv4Address(ordered))
-    v6 = ipaddress.IPv6Address(ordered)
-    return str(v6.ipv4_mapped or v6)  # ::ffff:127.0.0.1 is loopback too
+def _unmapped(address: str) -> str:
+    """``::ffff:127.0.0.1`` is loopback too: the IPv4 address inside an IPv4-mapped one."""
+    with contextlib.suppress(ValueError):
+        v6 = ipaddress.IPv6Address(address)
+        return str(v6.ipv4_mapped or v6)
+    return address
 
 
 def _descendants(pid: int) -> set[int]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    out: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
 def _children_of(pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.add(int(entry))
-            except OSError:
-                continue
-    return children
+    return {child.pid for child in psutil.Process(pid).children()}
 
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    return state not in ("Z", "X")
 
 
 def _wait_gone(pids: set[int], timeout: float) -> set[int]:
@@ -323,12 +281,9 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 def _rss(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
 
 
 def main() -> int:
