@@ -282,6 +282,8 @@ def fmt(value: float | None, unit: str = "%") -> str:
 
 # -- GPU decoding (--decode) -----------------------------------------------------------------------
 
+from pixfind.ingest.gpu_decode import GPU_MAX_PIXELS  # noqa: E402
+
 TARGETS = {"mixed": 1500.0, "small": 3000.0}  # issue 17: end-to-end images/s on an H200 with 16 cores
 
 
@@ -369,6 +371,28 @@ def gpu_decode_rate(encoder: Any, files: list[str], device: str, batch: int, lab
         flush=True,
     )
     return rate
+
+
+def routing_cost(files: list[str], min_side: int) -> None:
+    """What the decode threads pay per file to route it (header read by Pillow, end-marker
+    check), against the CPU path's draft decode of the same bytes: the routing's overhead."""
+    from pixfind.ingest.decode import load_image
+    from pixfind.ingest.gpu_decode import gpu_header
+
+    data = [Path(f).read_bytes() for f in files]
+    began = time.perf_counter()
+    routed = sum(gpu_header(d) is not None for d in data)
+    header_s = (time.perf_counter() - began) / len(data)
+    began = time.perf_counter()
+    for d in data:
+        load_image("", min_side=min_side, data=d)
+    decode_s = (time.perf_counter() - began) / len(data)
+    print(
+        f"routing, one thread: {header_s * 1e6:.0f} us per file to read the header "
+        f"({header_s / decode_s:.2%} of the CPU path's draft decode, {decode_s * 1e3:.1f} ms); "
+        f"{routed} of {len(data)} files to the GPU decoder (limit {GPU_MAX_PIXELS / 1e6:g} MP)",
+        flush=True,
+    )
 
 
 def gpu_fidelity(encoder: Any, files: list[str], device: str) -> None:
@@ -562,6 +586,7 @@ def main() -> int:
             gpu_decode_rate(encoder, small_files, decode_device, 256, "ImageNet-size")
             progressive = sorted(str(p) for p in (work / "progressive").iterdir())[:500]
             gpu_decode_rate(encoder, progressive, decode_device, 256, "ImageNet-size, progressive")
+        routing_cost(sample[:200], encoder.draft_side)
         gpu_fidelity(encoder, sample[:64], decode_device)
 
         workers = [int(w) for w in args.e2e_workers.split(",")] if args.e2e_workers else [default_workers(encoder)]

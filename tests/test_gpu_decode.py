@@ -51,6 +51,19 @@ def broken_huffman(data: bytes) -> bytes:
     return data[: table + 10] + b"\xff" * 20 + data[table + 30 :]
 
 
+def without_adobe_marker(data: bytes) -> bytes:
+    """The JPEG with its Adobe APP14 segment cut out (Pillow writes one into every CMYK JPEG)."""
+    start = data.index(b"\xff\xee")
+    length = int.from_bytes(data[start + 2 : start + 4], "big")
+    return data[:start] + data[start + 2 + length :]
+
+
+def with_adobe_rgb_marker(data: bytes) -> bytes:
+    """A 3-component JPEG marked as stored in RGB (Adobe APP14, transform 0), not YCbCr."""
+    segment = b"Adobe" + (100).to_bytes(2, "big") + bytes(4) + bytes([0])
+    return data[:2] + b"\xff\xee" + (len(segment) + 2).to_bytes(2, "big") + segment + data[2:]
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -68,6 +81,8 @@ def sample_files() -> dict[str, tuple[bytes, bool]]:
         "rotated8.jpg": (with_orientation(draw_photo(5, (360, 250)), 8), True),
         "mirrored2.jpg": (with_orientation(draw_photo(6, (300, 240)), 2), True),
         "cmyk.jpg": (jpeg_bytes(draw_photo(7, (320, 240)).convert("CMYK")), False),
+        "cmyk-no-adobe.jpg": (without_adobe_marker(jpeg_bytes(draw_photo(10, (320, 240)).convert("CMYK"))), False),
+        "adobe-rgb.jpg": (with_adobe_rgb_marker(jpeg_bytes(draw_photo(11, (320, 240)))), False),
         "picture.png": (png_bytes(draw_photo(8, (320, 240))), False),
         "truncated.jpg": (truncated(jpeg_bytes(draw_photo(9, (320, 240)))), False),
         "not-an-image.jpg": (b"this is text, not a picture\n", False),
@@ -164,10 +179,15 @@ def test_decode_gpu_without_a_gpu_model_is_one_clear_refusal(device_encoder, sma
 def test_cli_refuses_decode_gpu_here_in_one_line(
     make_images, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No CUDA device on this machine: ``--decode gpu`` is refused before anything is scanned or
-    stored, as ``--device cuda`` is; a bad value is named with the choices."""
+    """No CUDA device on this machine: ``--decode gpu`` is refused before a model is loaded or
+    anything stored, as ``--device cuda`` is; a bad value is named with the choices."""
     make_images(tmp_path / "photos", 2)
     uri = str(tmp_path / "cli.db")
+
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before --decode gpu was refused")
+
+    monkeypatch.setattr("pixfind.models.load.load_encoder", no_model)
     for extra in (["--decode", "gpu"], ["--decode", "GPU", "--device", "cpu"]):
         code = main(["index", str(tmp_path / "photos"), "--uri", uri, *extra])
         err = capsys.readouterr().err

@@ -79,8 +79,8 @@ def gpu_header(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> JpegHeader | No
     Pillow reads the markers up to the first scan only (no pixel is decoded)."""
     if not data.startswith(b"\xff\xd8"):
         return None  # not a JPEG
-    if data.rfind(_EOI) < data.rfind(_SOS):
-        return None  # no end marker after the last scan: truncated (entropy data never holds FFD9)
+    if not ends_complete(data):
+        return None  # truncated: the CPU path names the failure
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
             if img.mode not in ("RGB", "L") or img.info.get("adobe_transform") == 0:
@@ -92,6 +92,15 @@ def gpu_header(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> JpegHeader | No
     if width * height > min(max_pixels, MAX_PIXELS):
         return None
     return JpegHeader(width, height, orientation)
+
+
+def ends_complete(data: bytes) -> bool:
+    """An end-of-image marker follows the last scan. Searched from the end (a complete file's is
+    there, before any trailer): entropy-coded data never holds FFD9 or FFDA, so a scan marker
+    after the last end marker means the file stops inside that scan (an EXIF thumbnail's end
+    marker comes before the image's first scan)."""
+    end = data.rfind(_EOI)
+    return end >= 0 and data.find(_SOS, end) < 0
 
 
 def orient(image: Any, orientation: int) -> Any:
