@@ -441,6 +441,7 @@ def end_to_end(
     """One ``pixfind index`` run of ``folder`` (the local Indexer, as ``ImageIndex.add`` runs it)
     with ``decode``; prints images/s, GPU utilisation, where files were decoded, the target."""
     from pixfind import ImageIndex
+    from pixfind.errors import PixfindError
     from pixfind.ingest.runner import Indexer
 
     on_cpu_smoke = decode == "gpu" and not device.startswith("cuda")
@@ -454,7 +455,11 @@ def end_to_end(
             decode_device=decode_device_for(device) if decode == "gpu" else None,
             gpu_max_pixels=max_pixels,
         )
-        report = indexer.run([str(folder)])
+        try:
+            report = indexer.run([str(folder)])
+        except PixfindError as exc:
+            print(f"end to end, {label}, --decode {decode}: not measured: {exc}", flush=True)
+            return 0.0
     counts = indexer.gpu_decoder.counts if indexer.gpu_decoder is not None else None
     where = (
         f"decoded: {counts.on_device} on the device, {counts.cpu_path} by the CPU threads, "
@@ -598,7 +603,7 @@ def main() -> int:
             for mode in args.decode.split(","):
                 limits = [float(mp) for mp in args.gpu_max_mp.split(",")] if mode == "gpu" else [180.0]
                 if where is small:
-                    limits = limits[:1]
+                    limits = [GPU_MAX_PIXELS / 1e6]  # every file is under any limit
                 for limit in limits:
                     for count in workers:
                         run += 1

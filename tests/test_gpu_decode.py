@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_MODEL, draw_photo
+from docs_figures import find, number
 from oracle import check_index
 from PIL import Image, ImageOps
 
@@ -85,6 +86,11 @@ def sample_files() -> dict[str, tuple[bytes, bool]]:
         "adobe-rgb.jpg": (with_adobe_rgb_marker(jpeg_bytes(draw_photo(11, (320, 240)))), False),
         "picture.png": (png_bytes(draw_photo(8, (320, 240))), False),
         "truncated.jpg": (truncated(jpeg_bytes(draw_photo(9, (320, 240)))), False),
+        # an end marker before the scan (as an EXIF thumbnail's is), none after it
+        "truncated-after-thumbnail.jpg": (
+            truncated(jpeg_bytes(draw_photo(12, (320, 240)), comment=b"\xff\xd9")),
+            False,
+        ),
         "not-an-image.jpg": (b"this is text, not a picture\n", False),
     }
 
@@ -127,6 +133,16 @@ def test_a_jpeg_above_the_pixel_limit_stays_on_the_cpu_path() -> None:
     data = jpeg_bytes(draw_photo(1, (1200, 900)))
     assert gpu_header(data, max_pixels=1200 * 900) is not None
     assert gpu_header(data, max_pixels=1200 * 900 - 1) is None
+
+
+def test_the_documented_size_limit_sends_larger_jpegs_to_the_cpu() -> None:
+    """README: "very large (> N MP) files always take the CPU path", with the default limit."""
+    (limit,) = find("README.md", r"very large \(> (\d+) MP\) files always take the CPU path")
+    width = 4000
+    height = int(number(limit) * 1e6) // width
+    at_limit, over = Image.new("RGB", (width, height), (90, 120, 30)), Image.new("RGB", (width, height + 1))
+    assert gpu_header(jpeg_bytes(at_limit)) is not None
+    assert gpu_header(jpeg_bytes(over)) is None
 
 
 def test_a_trailer_after_the_end_marker_is_not_taken_for_truncation() -> None:
@@ -214,7 +230,7 @@ def test_gpu_path_stores_the_reference_vector_of_every_file(device_encoder, tmp_
     paths = write_files(tmp_path / "photos", {name: data for name, (data, _) in files.items()})
     uri = str(tmp_path / "gpu.db")
     report, indexer = run_index(tmp_path / "photos", uri, device_encoder, "gpu", decode_device="cpu")
-    broken = {"truncated.jpg", "not-an-image.jpg"}
+    broken = {"truncated.jpg", "truncated-after-thumbnail.jpg", "not-an-image.jpg"}
     good = [p for p in paths if p.name not in broken]
     check_index(uri, good, model=SMALL_MODEL)
     counts = indexer.gpu_decoder.counts
