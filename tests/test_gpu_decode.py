@@ -84,6 +84,7 @@ def sample_files() -> dict[str, tuple[bytes, bool]]:
         "cmyk.jpg": (jpeg_bytes(draw_photo(7, (320, 240)).convert("CMYK")), False),
         "cmyk-no-adobe.jpg": (without_adobe_marker(jpeg_bytes(draw_photo(10, (320, 240)).convert("CMYK"))), False),
         "adobe-rgb.jpg": (with_adobe_rgb_marker(jpeg_bytes(draw_photo(11, (320, 240)))), False),
+        "adobe-grey.jpg": (with_adobe_rgb_marker(jpeg_bytes(draw_photo(13, (320, 240)).convert("L"))), True),
         "picture.png": (png_bytes(draw_photo(8, (320, 240))), False),
         "truncated.jpg": (truncated(jpeg_bytes(draw_photo(9, (320, 240)))), False),
         # an end marker before the scan (as an EXIF thumbnail's is), none after it

@@ -83,8 +83,10 @@ def gpu_header(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> JpegHeader | No
         return None  # truncated: the CPU path names the failure
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
-            if img.mode not in ("RGB", "L") or img.info.get("adobe_transform") == 0:
-                return None  # CMYK / YCCK, or RGB stored without the YCbCr transform
+            if img.mode not in ("RGB", "L"):
+                return None  # CMYK / YCCK
+            if img.mode == "RGB" and img.info.get("adobe_transform") == 0:
+                return None  # colour stored as RGB, not YCbCr (greyscale has no transform to mark)
             width, height = img.size
             orientation = int(img.getexif().get(_ORIENTATION, 1))
     except Exception:
