@@ -397,6 +397,33 @@ def routing_cost(files: list[str], min_side: int) -> None:
     )
 
 
+def special_jpegs(source: Path, folder: Path) -> list[str]:
+    """The kinds of JPEG the GPU decoder must get right besides the mixed set's (greyscale, EXIF
+    rotation, progressive, other chroma subsamplings), drawn from one mixed-set JPEG at ~1 MP."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as img:
+        img.draft("RGB", (1200, 1200))
+        photo = img.convert("RGB")
+    photo.thumbnail((1200, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    kinds: dict[str, tuple[Any, dict[str, Any]]] = {
+        "greyscale": (photo.convert("L"), {}),
+        "exif-6": (photo, {"exif": exif.tobytes()}),
+        "progressive": (photo, {"progressive": True}),
+        "4-4-4": (photo, {"subsampling": 0}),
+        "4-2-2": (photo, {"subsampling": 1}),
+    }
+    paths = []
+    for name, (image, options) in kinds.items():
+        path = folder / f"{name}.jpg"
+        image.save(path, quality=90, **options)
+        paths.append(str(path))
+    return paths
+
+
 def gpu_fidelity(encoder: Any, files: list[str], device: str) -> None:
     """Cosine of the GPU path's vectors to the CPU path's (draft decoding, and full size) for
     the same files: the GPU decoder's pixels differ from libjpeg's by its IDCT and upsampling."""
@@ -417,6 +444,9 @@ def gpu_fidelity(encoder: Any, files: list[str], device: str) -> None:
             cpu = decode_item(item, functools.partial(resize_crop, size=encoder.image_size), side)
             assert isinstance(cpu, Decoded)
             cosines[label].append(float(row @ encoder.encode_images(cpu.pixels[None])[0]))
+    if len(kept) <= 8:  # the special kinds: each by name
+        for index, full in zip(kept, cosines["full size"], strict=True):
+            print(f"  {Path(items[index].item.entry.path).name}: cosine {full:.5f} to the CPU path at full size")
     print(
         f"{path_label(device)} vectors vs the CPU path's, {len(kept)} files: "
         + "; ".join(f"{k} min {min(v):.5f} / mean {statistics.mean(v):.5f}" for k, v in cosines.items())
@@ -595,6 +625,7 @@ def main() -> int:
             gpu_decode_rate(encoder, progressive, decode_device, 256, "ImageNet-size, progressive")
         routing_cost(sample[:200], encoder.draft_side)
         gpu_fidelity(encoder, sample[:64], decode_device)
+        gpu_fidelity(encoder, special_jpegs(Path(sample[0]), work / "special"), decode_device)
 
         workers = [int(w) for w in args.e2e_workers.split(",")] if args.e2e_workers else [default_workers(encoder)]
         sets = [("mixed 0.3-12 MP", folder, TARGETS["mixed"])]

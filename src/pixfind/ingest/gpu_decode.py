@@ -194,10 +194,12 @@ class GpuDecoder:
                 else:
                     self.counts.on_device += 1
                     tensors[i] = resize_crop_tensor(orient(image, entry.header.orientation), self.image_size)
-        for i, entry in enumerate(batch):
-            if isinstance(entry, Decoded):
-                self.counts.cpu_path += 1
-                tensors[i] = torch.from_numpy(np.ascontiguousarray(entry.pixels)).to(self.device)
+        on_cpu = [i for i, entry in enumerate(batch) if isinstance(entry, Decoded)]
+        if on_cpu:  # the decode threads' pixels cross to the device in one copy
+            self.counts.cpu_path += len(on_cpu)
+            stacked = np.stack([batch[i].pixels for i in on_cpu])  # type: ignore[union-attr]
+            for i, pixels in zip(on_cpu, torch.from_numpy(stacked).to(self.device), strict=True):
+                tensors[i] = pixels
         kept = sorted(tensors)
         if not kept:
             return torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8), kept, failed
