@@ -42,8 +42,9 @@ if TYPE_CHECKING:
     from ..store import Row
 
 #: JPEGs with more pixels than this are decoded on the CPU, where ``draft()`` reduces them while
-#: decoding (a 12 MP photo 4.6x cheaper than in full), while the GPU decoder works at full size.
-#: A setting of the decoder (benchmarks/gpu.py ``--gpu-max-mp`` measures others).
+#: decoding, while the GPU decoder works at full size: the largest files keep the CPU threads
+#: busy beside the GPU (docs/speed.md, "GPU decoding": why this limit; benchmarks/gpu.py
+#: ``--gpu-max-mp`` measures others).
 GPU_MAX_PIXELS = 8_000_000
 
 #: How many JPEGs one ``decode_jpeg`` call takes: their full-size pixels are on the device at once.
