@@ -2,12 +2,15 @@
 end-to-end ``ImageIndex.add`` with its decode pool, and the GPU's utilisation during each
 (sampled with ``nvidia-smi``).
 
-For a session lent a GPU machine (the device tool): one prepared run, e.g.
+For a session lent a GPU machine (the device tool): one prepared run, under 8 minutes on an H200
+with 16 cores, e.g.
 
-    PYTHONPATH=src python benchmarks/gpu.py --make 12000 --batches 64,256,512,1024
+    PYTHONPATH=src python benchmarks/gpu.py --quick
 
+(``--quick`` = ``--make 8000 --small 8000 --batches 256,1024 --seconds 2 --decode-files 1500``).
 On a machine without CUDA it stops with one line; ``--device cpu --make 48 --distinct 8
---batches 8 --seconds 2`` is a smoke test of the script itself. Random weights
+--small 48 --batches 8 --seconds 2`` is a smoke test of the script itself, in which the GPU decode
+path runs with torchvision's *CPU* decoder: its rows say so and are no GPU figure. Random weights
 (``pretrained=None``): same compute as real ones. Photos: ``--photos DIR`` (e.g. a carried subset
 of ``benchmarks/photos.py``'s set) or ``--make N`` JPEGs: ``--distinct`` of them drawn here at
 0.3-12 MP (gradients and noise: decoding costs like a photo's, the content does not matter for
@@ -19,6 +22,15 @@ Printed, in order: model-only images/s per batch size (pixels copied from host m
 indexing, and already on the GPU); decode + preprocess images/s on the CPU with pixfind's decode
 (draft mode + the model's transform) in threads and in processes; nvJPEG (torchvision) decode
 rate as a lead; end-to-end images/s, with its ratios to model-only and to the CPU's decode rate.
+
+GPU decoding (``--decode``, pixfind.ingest.gpu_decode): an ImageNet-size set (``--small N``
+JPEGs of 0.1-0.5 MP, drawn here from the mixed set's drawn JPEGs, seeded, with unique trailers as
+above); decode-only rates of the GPU path (decode, orient, resize, crop: uint8 pixels on the
+device) on both sets and on progressive copies; the cosine of its vectors to the CPU path's; then
+end to end with ``--decode cpu`` and ``--decode gpu`` on both sets (the mixed set once per
+``--gpu-max-mp`` limit: larger JPEGs stay on the CPU's draft decoding), each with the GPU's
+utilisation, where each file was decoded, and the issue's targets beside it (>= 1,500 images/s
+mixed, >= 3,000 small).
 """
 
 from __future__ import annotations
@@ -268,6 +280,262 @@ def fmt(value: float | None, unit: str = "%") -> str:
     return "n/a (no nvidia-smi)" if value is None else f"{value:.0f}{unit}"
 
 
+# -- GPU decoding (--decode) -----------------------------------------------------------------------
+
+from pixfind.ingest.gpu_decode import GPU_MAX_PIXELS  # noqa: E402
+
+TARGETS = {"mixed": 1500.0, "small": 3000.0}  # issue 17: end-to-end images/s on an H200 with 16 cores
+
+
+def shrink_jpeg(args: tuple[Path, Path, int, bool]) -> None:
+    """An ImageNet-size (0.1-0.5 MP, seeded) JPEG drawn from a mixed-set one."""
+    from PIL import Image
+
+    source, target, seed, progressive = args
+    rng = np.random.default_rng(10_000 + seed)
+    megapixels = rng.uniform(0.1, 0.5)
+    with Image.open(source) as img:
+        width, height = img.size
+        scale = (megapixels * 1e6 / (width * height)) ** 0.5
+        size = (max(16, int(width * scale)), max(16, int(height * scale)))
+        img.draft("RGB", size)
+        small = img.convert("RGB").resize(size, Image.BICUBIC)
+    small.save(target, quality=int(rng.integers(75, 96)), progressive=progressive)
+
+
+def make_small_photos(drawn: list[Path], folder: Path, count: int, progressive: bool = False) -> None:
+    """``count`` ImageNet-size JPEGs: one per drawn mixed-set JPEG, then copies with trailers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    distinct = drawn[: min(len(drawn), count)]
+    made = [folder / f"small_{i:05d}.jpg" for i in range(len(distinct))]
+    jobs = [(src, dst, i, progressive) for i, (src, dst) in enumerate(zip(distinct, made, strict=True))]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(shrink_jpeg, jobs, chunksize=8))
+    originals = [path.read_bytes() for path in made]
+    for i in range(len(made), count):
+        trailer = f"pixfind-benchmark-copy-{i}".encode()
+        (folder / f"small_{i:05d}.jpg").write_bytes(originals[i % len(made)] + trailer)
+
+
+def decode_device_for(device: str) -> str:
+    """Where the GPU path decodes: the model's CUDA device, or (smoke test) the CPU."""
+    return device if device.startswith("cuda") else "cpu"
+
+
+def path_label(device: str) -> str:
+    return (
+        "GPU path" if device.startswith("cuda") else "GPU path ON THE CPU (torchvision CPU decoder; not a GPU figure)"
+    )
+
+
+def compressed_items(files: list[str], decoder: Any) -> list[Any]:
+    """The decode threads' output for ``files`` as the GPU path sees it (read, hashed, routed)."""
+    from pixfind.ingest.pipeline import decode_item
+    from pixfind.ingest.plan import WorkItem
+    from pixfind.ingest.scan import FileEntry
+
+    items = []
+    for path in files:
+        info = os.stat(path)
+        item = WorkItem(FileEntry(path, info.st_size, info.st_mtime_ns), path, False)
+        items.append(decode_item(item, lambda image: np.zeros(0), None, gpu_route=decoder.route))
+    return items
+
+
+def gpu_decode_rate(encoder: Any, files: list[str], device: str, batch: int, label: str) -> float | None:
+    """Decode-only images/s of the GPU path: bytes in host memory (read and routed beforehand) to
+    uint8 (N, 3, S, S) pixels on the device; files the GPU does not take are left out."""
+    import torch
+
+    from pixfind.ingest.gpu_decode import GpuDecoder
+    from pixfind.ingest.pipeline import Compressed
+
+    decoder = GpuDecoder(device, encoder.image_size, encoder.draft_side, max_pixels=180_000_000)
+    items = [i for i in compressed_items(files, decoder) if isinstance(i, Compressed)]
+    if not items:
+        print(f"{path_label(device)} decode only, {label}: no file for the GPU decoder")
+        return None
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    decoder.pixels(items[:batch])
+    sync()
+    began = time.perf_counter()
+    for start in range(0, len(items), batch):
+        decoder.pixels(items[start : start + batch])
+    sync()
+    rate = len(items) / (time.perf_counter() - began)
+    megapixels = statistics.mean(i.header.width * i.header.height for i in items) / 1e6
+    print(
+        f"{path_label(device)} decode only (decode + orient + resize + crop, uint8 on the device), {label}: "
+        f"{rate:8.1f} images/s ({len(items)} files, mean {megapixels:.2f} MP, batches of {batch}; "
+        f"fallbacks {decoder.counts.fallback}, failed {decoder.counts.failed})",
+        flush=True,
+    )
+    return rate
+
+
+def routing_cost(files: list[str], min_side: int) -> None:
+    """What the decode threads pay per file to route it (header read by Pillow, end-marker
+    check), against the CPU path's draft decode of the same bytes: the routing's overhead."""
+    from pixfind.ingest.decode import load_image
+    from pixfind.ingest.gpu_decode import gpu_header
+
+    data = [Path(f).read_bytes() for f in files]
+    gpu_header(data[0])  # first-call imports and plugin set-up are not a per-file cost
+    load_image("", min_side=min_side, data=data[0])
+    began = time.perf_counter()
+    routed = sum(gpu_header(d) is not None for d in data)
+    header_s = (time.perf_counter() - began) / len(data)
+    began = time.perf_counter()
+    for d in data:
+        load_image("", min_side=min_side, data=d)
+    decode_s = (time.perf_counter() - began) / len(data)
+    print(
+        f"routing, one thread: {header_s * 1e6:.0f} us per file to read the header "
+        f"({header_s / decode_s:.2%} of the CPU path's draft decode, {decode_s * 1e3:.1f} ms); "
+        f"{routed} of {len(data)} files to the GPU decoder (limit {GPU_MAX_PIXELS / 1e6:g} MP)",
+        flush=True,
+    )
+
+
+def special_jpegs(source: Path, folder: Path) -> list[str]:
+    """The kinds of JPEG the GPU decoder must get right besides the mixed set's (greyscale, EXIF
+    rotation, progressive, other chroma subsamplings), drawn from one mixed-set JPEG at ~1 MP."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as img:
+        img.draft("RGB", (1200, 1200))
+        photo = img.convert("RGB")
+    photo.thumbnail((1200, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    kinds: dict[str, tuple[Any, dict[str, Any]]] = {
+        "greyscale": (photo.convert("L"), {}),
+        "exif-6": (photo, {"exif": exif.tobytes()}),
+        "progressive": (photo, {"progressive": True}),
+        "4-4-4": (photo, {"subsampling": 0}),
+        "4-2-2": (photo, {"subsampling": 1}),
+    }
+    paths = []
+    for name, (image, options) in kinds.items():
+        path = folder / f"{name}.jpg"
+        image.save(path, quality=90, **options)
+        paths.append(str(path))
+    return paths
+
+
+def gpu_fidelity(encoder: Any, files: list[str], device: str) -> None:
+    """Cosine of the GPU path's vectors to the CPU path's (draft decoding, and full size) for
+    the same files: the GPU decoder's pixels differ from libjpeg's by its IDCT and upsampling."""
+    from pixfind.ingest.gpu_decode import GpuDecoder
+    from pixfind.ingest.pipeline import Compressed, Decoded, decode_item
+    from pixfind.models.pixels import resize_crop
+
+    decoder = GpuDecoder(device, encoder.image_size, encoder.draft_side, max_pixels=180_000_000)
+    items = [i for i in compressed_items(files, decoder) if isinstance(i, Compressed)]
+    if not items:
+        return
+    pixels, kept, _ = decoder.pixels(items)
+    on_gpu = encoder.encode_images(pixels)
+    cosines: dict[str, list[float]] = {"draft": [], "full size": []}
+    for row, index in zip(on_gpu, kept, strict=True):
+        item = items[index].item
+        for label, side in (("draft", encoder.draft_side), ("full size", None)):
+            cpu = decode_item(item, functools.partial(resize_crop, size=encoder.image_size), side)
+            assert isinstance(cpu, Decoded)
+            cosines[label].append(float(row @ encoder.encode_images(cpu.pixels[None])[0]))
+    if len(kept) <= 8:  # the special kinds: each by name
+        for index, full in zip(kept, cosines["full size"], strict=True):
+            print(f"  {Path(items[index].item.entry.path).name}: cosine {full:.5f} to the CPU path at full size")
+    print(
+        f"{path_label(device)} vectors vs the CPU path's, {len(kept)} files: "
+        + "; ".join(f"{k} min {min(v):.5f} / mean {statistics.mean(v):.5f}" for k, v in cosines.items())
+        + " (docs/speed.md: draft vs full size on real photos, min 0.99850 on 160, 0.99228 on 950)",
+        flush=True,
+    )
+
+
+def end_to_end(
+    encoder: Any,
+    spec: Any,
+    folder: Path,
+    uri: str,
+    *,
+    decode: str,
+    batch: int,
+    workers: int,
+    device: str,
+    max_pixels: int,
+    reference: float,
+    target: float | None,
+    label: str,
+) -> float:
+    """One ``pixfind index`` run of ``folder`` (the local Indexer, as ``ImageIndex.add`` runs it)
+    with ``decode``; prints images/s, GPU utilisation, where files were decoded, the target."""
+    from pixfind import ImageIndex
+    from pixfind.errors import PixfindError
+    from pixfind.ingest.runner import Indexer
+
+    on_cpu_smoke = decode == "gpu" and not device.startswith("cuda")
+    with GpuUtilisation() as gpu, ImageIndex(uri=uri, encoder=encoder, model=spec) as index:
+        indexer = Indexer(
+            index.store,
+            lambda: encoder,
+            batch_size=batch,
+            workers=workers,
+            decode=decode,
+            decode_device=decode_device_for(device) if decode == "gpu" else None,
+            gpu_max_pixels=max_pixels,
+        )
+        try:
+            report = indexer.run([str(folder)])
+        except PixfindError as exc:
+            print(f"end to end, {label}, --decode {decode}: not measured: {exc}", flush=True)
+            return 0.0
+    counts = indexer.gpu_decoder.counts if indexer.gpu_decoder is not None else None
+    where = (
+        f"decoded: {counts.on_device} on the device, {counts.cpu_path} by the CPU threads, "
+        f"{counts.fallback} fell back, {counts.failed} failed, {counts.batch_retries} batch retries"
+        if counts
+        else "all decoded by the CPU threads"
+    )
+    limit = f", JPEGs over {max_pixels / 1e6:g} MP on the CPU" if decode == "gpu" else ""
+    verdict = ""
+    if target is not None and not on_cpu_smoke and device.startswith("cuda"):
+        verdict = f"; target >= {target:,.0f}: {'met' if report.images_per_s >= target else 'NOT met'}"
+    elif target is not None:
+        verdict = f"; target >= {target:,.0f} applies on the GPU machine only"
+    print(
+        f"end to end, {label}, --decode {decode}{' (ON THE CPU: not a GPU figure)' if on_cpu_smoke else ''}"
+        f"{limit}: {report.embedded} images in {report.elapsed_s:.1f} s, {report.images_per_s:.1f} images/s "
+        f"= {report.images_per_s / reference:.2f} of model-only; GPU busy {fmt(gpu.median)} (median); "
+        f"{workers} decode threads, batch {batch}; {where}; failed {len(report.failed)}{verdict}",
+        flush=True,
+    )
+    return report.images_per_s
+
+
+def quick_preset(argv: list[str]) -> list[str]:
+    """``--quick``: the prepared GPU-machine run, its options before any given explicitly."""
+    if "--quick" not in argv:
+        return argv
+    preset = [
+        "--small",
+        "8000",
+        "--batches",
+        "256,1024",
+        "--seconds",
+        "2",
+        "--decode-files",
+        "1500",
+        "--gpu-max-mp",
+        "4,8,180",
+    ]
+    if "--photos" not in argv:
+        preset += ["--make", "8000"]
+    return [*preset, *argv]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -284,21 +552,25 @@ def main() -> int:
     source.add_argument("--photos", type=Path, help="folder of images to index")
     source.add_argument("--make", type=int, metavar="N", help="make N synthetic JPEGs to index")
     parser.add_argument("--distinct", type=int, default=600, help="with --make: how many are drawn")
-    args = parser.parse_args()
+    parser.add_argument("--decode", default="cpu,gpu", help="--decode modes of the end-to-end runs")
+    parser.add_argument("--small", type=int, default=10000, help="ImageNet-size JPEGs to make (0: none)")
+    parser.add_argument("--gpu-max-mp", default="8", help="GPU decode size limits (MP) for the mixed set, e.g. 4,8,180")
+    parser.add_argument("--quick", action="store_true", help="the prepared GPU-machine run (< 8 minutes on an H200)")
+    args = parser.parse_args(quick_preset(sys.argv[1:]))
 
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: run this on a GPU machine, or pass --device cpu for a smoke test")
         return 2
-    from pixfind import ImageIndex
     from pixfind.config import ModelSpec, cpu_cores
     from pixfind.ingest.runner import default_workers
     from pixfind.models.torch_clip import ClipEncoder
 
     spec = ModelSpec(args.model, None)
     began = time.perf_counter()
-    encoder = ClipEncoder(spec, args.device)
+    # uint8 pixels normalised by the model on the CPU as well, so that the smoke test runs the GPU path
+    encoder = ClipEncoder(spec, args.device, normalise_on_device=True)
     on_gpu = args.device.startswith("cuda")
     name = torch.cuda.get_device_name() if on_gpu else "CPU"
     ready = time.perf_counter() - began
@@ -332,19 +604,56 @@ def main() -> int:
                 print(f"nvJPEG decode (full size, batches of 64, no resize): {rate:8.1f} images/s", flush=True)
 
         reference = rates.get(args.e2e_batch) or max(rates.values())
-        pools = [int(w) for w in args.e2e_workers.split(",")] if args.e2e_workers else [default_workers(encoder)]
-        for run, workers in enumerate(pools):
-            uri = str(work / f"gpu-{run}.db")
-            with GpuUtilisation() as gpu, ImageIndex(uri=uri, encoder=encoder, model=spec) as index:
-                report = index.add(folder, batch_size=args.e2e_batch, workers=workers)
-            print(
-                f"end to end (decode pool of {workers} threads + encode + Milvus Lite), batch {args.e2e_batch}: "
-                f"{report.embedded} images in {report.elapsed_s:.1f} s, {report.images_per_s:.1f} images/s "
-                f"= {report.images_per_s / reference:.2f} of model-only, "
-                f"{report.images_per_s / cpu_limit:.2f} of the {cores}-thread decode rate; "
-                f"GPU busy {fmt(gpu.median)} (median over the whole run); failed {len(report.failed)}",
-                flush=True,
-            )
+        small = None
+        if args.small:
+            small = work / "small"
+            began = time.perf_counter()
+            drawn = sorted(folder.glob("synthetic_*.jpg"))[: args.distinct] or [Path(f) for f in files]
+            make_small_photos(drawn, small, args.small)
+            make_small_photos(drawn[:200], work / "progressive", min(args.small, 1000), progressive=True)
+            took = time.perf_counter() - began
+            print(f"made {args.small} ImageNet-size JPEGs (0.1-0.5 MP) in {took:.1f} s", flush=True)
+        decode_device = decode_device_for(args.device)
+        gpu_decode_rate(encoder, sample, decode_device, 64, "mixed 0.3-12 MP, every size")
+        if small is not None:
+            small_files = sorted(str(p) for p in small.iterdir())[: args.decode_files]
+            if not args.skip_decode:
+                cpu_small = threads_rate(encoder.preprocess, encoder.draft_side, small_files, cores)
+                print(f"decode + preprocess, {cores} threads, ImageNet-size:    {cpu_small:8.1f} images/s", flush=True)
+            gpu_decode_rate(encoder, small_files, decode_device, 256, "ImageNet-size")
+            progressive = sorted(str(p) for p in (work / "progressive").iterdir())[:500]
+            gpu_decode_rate(encoder, progressive, decode_device, 256, "ImageNet-size, progressive")
+        routing_cost(sample[:200], encoder.draft_side)
+        gpu_fidelity(encoder, sample[:64], decode_device)
+        gpu_fidelity(encoder, special_jpegs(Path(sample[0]), work / "special"), decode_device)
+
+        workers = [int(w) for w in args.e2e_workers.split(",")] if args.e2e_workers else [default_workers(encoder)]
+        sets = [("mixed 0.3-12 MP", folder, TARGETS["mixed"])]
+        if small is not None:
+            sets.append(("ImageNet-size", small, TARGETS["small"]))
+        run = 0
+        for label, where, target in sets:
+            for mode in args.decode.split(","):
+                limits = [float(mp) for mp in args.gpu_max_mp.split(",")] if mode == "gpu" else [180.0]
+                if where is small:
+                    limits = [GPU_MAX_PIXELS / 1e6]  # every file is under any limit
+                for limit in limits:
+                    for count in workers:
+                        run += 1
+                        end_to_end(
+                            encoder,
+                            spec,
+                            where,
+                            str(work / f"e2e-{run}.db"),
+                            decode=mode,
+                            batch=args.e2e_batch,
+                            workers=count,
+                            device=args.device,
+                            max_pixels=int(limit * 1e6),
+                            reference=reference,
+                            target=target,
+                            label=label,
+                        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

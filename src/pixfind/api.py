@@ -175,10 +175,12 @@ class ImageIndex:
             raise PixfindError("no folder given: pixfind index FOLDER [FOLDER ...]")
         spec = self.model_spec()  # fail early on a model mismatch, before scanning
         if self._encoder is None:
+            from .ingest.gpu_decode import check_decode_request
             from .models.torch_clip import check_device
             from .models.weights import check_model_name
 
             check_device(self.settings.device)  # as a search would, even when no image is new
+            check_decode_request(self.settings.decode, self.settings.device)
             if self.store.info() is None:
                 check_model_name(spec)  # a typo must not pass silently because no image was new
         if ray:
@@ -191,6 +193,7 @@ class ImageIndex:
             draft=self.settings.draft,
             progress=progress,
             stop=stop,
+            decode=self.settings.decode,
         )
         report = indexer.run([str(f) for f in folders])
         if report.embedded and self._encoder is not None:
@@ -211,6 +214,8 @@ class ImageIndex:
     ) -> IndexReport:
         from .ingest.ray_runner import RayIndexer, ray_options
 
+        if self.settings.decode == "gpu":
+            raise PixfindError("--decode gpu works with the local runner only, not --ray; use --decode auto or cpu")
         options = ray_options(ray)
         if batch_size or self.settings.batch_size:
             options = replace(options, embed_batch=batch_size or self.settings.batch_size)

@@ -34,10 +34,16 @@ ENV_OPENVINO = "PIXFIND_OPENVINO"
 ENV_ORT_SPIN = "PIXFIND_ORT_SPIN"
 ENV_THREADS = "PIXFIND_THREADS"
 ENV_DEBUG = "PIXFIND_DEBUG"
+ENV_DECODE = "PIXFIND_DECODE"
 
 #: What the CPU image model computes in: ``auto`` (bf16 where the CPU has bf16 arithmetic in
 #: hardware, else f32), or ``f32`` / ``bf16`` forced (see pixfind.models.openvino_runtime).
 PRECISIONS = ("auto", "f32", "bf16")
+
+#: Where JPEGs are decoded when indexing: ``auto`` (on the GPU beside a CUDA model, where
+#: torchvision's decoder works; else the CPU), ``cpu``, or ``gpu`` (refused where it cannot be).
+#: See pixfind.ingest.gpu_decode.
+DECODE_MODES = ("auto", "cpu", "gpu")
 
 #: Default search effort on a Milvus server (HNSW ``ef``): recall@10 >= 0.98 on clustered
 #: CLIP-like vectors (see benchmarks/search_latency.py). Embedded Lite searches exactly.
@@ -138,6 +144,22 @@ def threads_from(value: object, source: str = ENV_THREADS) -> int | None:
     return threads or None
 
 
+def decode_mode_from(value: object, source: str = "--decode") -> str:
+    """A validated decode setting: one of :data:`DECODE_MODES` (case and spaces ignored)."""
+    text = str(value).strip().lower()
+    if text not in DECODE_MODES:
+        from .errors import PixfindError
+
+        raise PixfindError(f"{source} must be one of {', '.join(DECODE_MODES)}, not {value!r}")
+    return text
+
+
+def _decode_from_env() -> str:
+    """``$PIXFIND_DECODE`` checked, or ``auto``."""
+    value = _env(ENV_DECODE)
+    return "auto" if value is None else decode_mode_from(value, ENV_DECODE)
+
+
 def _env_flag(name: str, default: bool) -> bool:
     """A yes/no variable: unset or empty gives ``default``; 0, false, no, off are no."""
     value = _env(name)
@@ -209,6 +231,7 @@ class Settings:
     openvino: bool = True  # images on OpenVINO where it is installed and matches ONNX Runtime
     ort_spin: bool = False  # ONNX Runtime's threads spin between runs (costs others the core)
     threads: int | None = None  # model threads; None: one per core
+    decode: str = "auto"  # where JPEGs are decoded: auto (the GPU beside a CUDA model), cpu or gpu
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -232,5 +255,6 @@ class Settings:
             openvino=_env_flag(ENV_OPENVINO, True),
             ort_spin=_env_flag(ENV_ORT_SPIN, False),
             threads=threads_from(_env(ENV_THREADS) or "0"),
+            decode=_decode_from_env(),
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..config import precision_from
+from ..config import decode_mode_from, precision_from
 from ..errors import PixfindError
 from .app import (
     CheckpointOpt,
@@ -30,6 +30,15 @@ from .app import (
 )
 from .progress import RichProgress, stop_on_sigint, stop_on_sigterm
 
+DecodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--decode",
+        help="Where JPEGs are decoded: auto (on the GPU beside a CUDA model, else the CPU), cpu or gpu. "
+        "Env: PIXFIND_DECODE.",
+    ),
+]
+
 
 @app.command()
 def index(
@@ -48,6 +57,7 @@ def index(
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model call.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads.")] = None,
     no_draft: Annotated[bool, typer.Option("--no-draft", help="Decode JPEGs at full size (slower, exact).")] = False,
+    decode: DecodeOpt = None,
     precision: Annotated[
         str | None,
         typer.Option(
@@ -91,6 +101,7 @@ def index(
         workers=workers,
         draft=False if no_draft else None,
         precision=precision_from(precision) if precision is not None else None,
+        decode=decode_mode_from(decode) if decode is not None else None,
     ) as idx:
         progress = RichProgress(disable=quiet or not err.is_terminal)
         # from here a Ctrl-C (also during the scan or the model load) stops after the current
@@ -145,6 +156,7 @@ def watch(
     device: DeviceOpt = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Images per model call.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Decode threads.")] = None,
+    decode: DecodeOpt = None,
     poll: PollOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summaries.")] = False,
     wait: WaitOpt = False,
@@ -164,6 +176,7 @@ def watch(
         wait=wait,
         batch_size=batch_size,
         workers=workers,
+        decode=decode_mode_from(decode) if decode is not None else None,
     ) as idx:
         watcher = Watcher(idx, [str(folder) for folder in folders], poll=poll)
         spec_noted = False

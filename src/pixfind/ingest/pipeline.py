@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,28 @@ class Decoded:
     content: str
 
 
+@dataclass(slots=True)
+class Compressed:
+    """A JPEG read and hashed, left compressed for a GPU decoder (:mod:`.gpu_decode`): the same
+    record as :class:`Decoded`, its bytes instead of pixels."""
+
+    item: WorkItem
+    data: bytes
+    header: Any  # gpu_decode.JpegHeader: stored size and EXIF orientation
+    size: int
+    mtime_ns: int
+    fingerprint: str
+    content: str
+
+    @property
+    def width(self) -> int:
+        return int(self.header.displayed[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.header.displayed[1])
+
+
 @dataclass(frozen=True, slots=True)
 class Failed:
     """A file that could not be decoded, and why in a few words (listed in the run's summary)."""
@@ -55,16 +78,22 @@ def decode_item(
     preprocess: Callable[[Image.Image], np.ndarray],
     min_side: int | None,
     turn: Turn = contextlib.nullcontext,
-) -> Decoded | Failed:
+    gpu_route: Callable[[bytes], Any] | None = None,
+) -> Decoded | Compressed | Failed:
     """Read the file once; then, within ``turn``, hash those bytes (fingerprint and content
     hash, so the row records exactly what was embedded) and decode them. ``min_side``: decode a
     large image reduced, its shorter side kept at least this long (the model's draft side).
-    Every failure becomes a :class:`Failed`: one bad file never stops a run."""
+    ``gpu_route``: given the bytes, the header of a JPEG a GPU decoder takes (the file then
+    stays :class:`Compressed`), or None. Every failure becomes a :class:`Failed`: one bad file
+    never stops a run."""
     path = item.entry.path
     try:
         raw = read_file(path)
         with turn():
             print_, content = raw.digests()
+            header = gpu_route(raw.data) if gpu_route is not None and raw.data is not None else None
+            if header is not None and raw.data is not None:
+                return Compressed(item, raw.data, header, raw.size, raw.mtime_ns, print_, content)
             loaded = load_image(path, min_side=min_side, data=raw.data)
             pixels = preprocess(loaded.image)
     except ImageLoadError as exc:
@@ -83,6 +112,11 @@ def embed_batch(encoder: Encoder, batch: Sequence[Decoded], turn: Turn = context
     pixels = np.stack([decoded.pixels for decoded in batch])
     with turn():
         vectors = encoder.encode_images(pixels)
+    return rows_of(batch, vectors)
+
+
+def rows_of(batch: Sequence[Decoded | Compressed], vectors: Sequence[np.ndarray]) -> list[Row]:
+    """One row per file of ``batch``, with its vector."""
     return [
         Row(d.item.key, vector, d.size, d.mtime_ns, d.width, d.height, d.fingerprint, d.content)
         for d, vector in zip(batch, vectors, strict=True)

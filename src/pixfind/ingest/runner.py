@@ -23,7 +23,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..config import cpu_cores
 from ..models.base import Encoder
 from ..store import Row, Store
-from .pipeline import Decoded, Failed, decode_item, embed_batch, write_rows
+from .gpu_decode import GPU_MAX_PIXELS, GpuDecoder, decoder_for, embed_on_device
+from .pipeline import Compressed, Decoded, Failed, decode_item, embed_batch, write_rows
 from .plan import WorkItem, has_rows, known_gone, not_stored_meanwhile, plan, resolve_root
 from .report import IndexReport, NoProgress, Progress
 
@@ -109,7 +110,13 @@ class Indexer:
         draft: bool = True,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        decode: str = "auto",
+        decode_device: str | None = None,
+        gpu_max_pixels: int = GPU_MAX_PIXELS,
     ) -> None:
+        """``decode``: where JPEGs are decoded (auto, cpu, gpu: :mod:`.gpu_decode`);
+        ``decode_device``: the GPU path's device when not the model's (tests, benchmarks);
+        ``gpu_max_pixels``: larger JPEGs stay on the CPU path."""
         self.store = store
         self._get_encoder = get_encoder  # loaded only when there is something to embed
         self.batch_size = max(1, batch_size) if batch_size else None  # None: default_batch()
@@ -118,6 +125,10 @@ class Indexer:
         self.draft = draft
         self.progress = progress or NoProgress()
         self.stop = stop or threading.Event()
+        self.decode = decode
+        self.decode_device = decode_device
+        self.gpu_max_pixels = gpu_max_pixels
+        self.gpu_decoder: GpuDecoder | None = None
 
     def run(self, roots: Iterable[str]) -> IndexReport:
         started = time.perf_counter()
@@ -158,6 +169,8 @@ class Indexer:
 
     def _embed(self, todo: list[WorkItem], report: IndexReport, planned_on_rows: bool) -> None:
         encoder = self._get_encoder()
+        min_side = encoder.draft_side if self.draft else None
+        self.gpu_decoder = decoder_for(encoder, self.decode, self.decode_device, min_side, self.gpu_max_pixels)
         batch_size = self.batch_size or default_batch(encoder)
         self.store.ensure(encoder.spec, encoder.dim)  # a new Lite file is made here, not before
         if not planned_on_rows and self.store.count() > 0:
@@ -165,7 +178,7 @@ class Indexer:
         self.progress.start_embedding(len(todo))
         started = time.perf_counter()
         pending: list[Row] = []
-        batch: list[Decoded] = []
+        batch: list[Decoded | Compressed] = []
         decoded_files = self._decode_all(todo, encoder, report, batch_size)
         for decoded in decoded_files:
             batch.append(decoded)
@@ -183,8 +196,16 @@ class Indexer:
         write_rows(self.store, pending)
         report.embed_s = time.perf_counter() - started
 
-    def _embed_batch(self, batch: list[Decoded], encoder: Encoder, report: IndexReport) -> list[Row]:
-        rows = embed_batch(encoder, batch, self._turns.model)
+    def _embed_batch(self, batch: list[Decoded | Compressed], encoder: Encoder, report: IndexReport) -> list[Row]:
+        if self.gpu_decoder is not None:
+            with self._turns.model():
+                rows, embedded, failed = embed_on_device(encoder, self.gpu_decoder, batch)
+            for failure in failed:
+                report.failed.append((failure.path, failure.reason))
+                self.progress.embedded(1)
+            batch = embedded
+        else:
+            rows = embed_batch(encoder, batch, self._turns.model)  # type: ignore[arg-type]  # all Decoded
         updates = sum(decoded.item.is_update for decoded in batch)
         report.updated += updates
         report.new += len(batch) - updates
@@ -194,13 +215,15 @@ class Indexer:
 
     def _decode_all(
         self, todo: list[WorkItem], encoder: Encoder, report: IndexReport, batch_size: int
-    ) -> Iterator[Decoded]:
-        """Decode in a thread pool, at most ``lookahead`` files ahead of the model, in order."""
+    ) -> Iterator[Decoded | Compressed]:
+        """Decode in a thread pool, at most ``lookahead`` files ahead of the model, in order
+        (with a GPU decoder, the JPEGs it takes are read and hashed, and left compressed)."""
         min_side = encoder.draft_side if self.draft else None
         self._turns.enabled = encoder.fills_cpu
         workers = self.workers or default_workers(encoder)
         lookahead = max(2 * batch_size, 4 * workers)
-        queue: deque[Future[Decoded | Failed]] = deque()
+        route = self.gpu_decoder.route if self.gpu_decoder is not None else None
+        queue: deque[Future[Decoded | Compressed | Failed]] = deque()
         items = iter(todo)
         with ThreadPoolExecutor(workers, thread_name_prefix="pixfind-decode") as pool:
             try:
@@ -209,7 +232,9 @@ class Indexer:
                         item = next(items, None)
                         if item is None:
                             break
-                        queue.append(pool.submit(decode_item, item, encoder.preprocess, min_side, self._turns.decoding))
+                        queue.append(
+                            pool.submit(decode_item, item, encoder.preprocess, min_side, self._turns.decoding, route)
+                        )
                     if not queue:
                         return
                     result = queue.popleft().result()

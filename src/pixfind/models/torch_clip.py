@@ -164,11 +164,21 @@ class ClipEncoder:
             return resize_crop(image, self.image_size)
         return self._transform(image).numpy()
 
-    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+    @property
+    def takes_device_pixels(self) -> bool:
+        """:meth:`encode_images` also takes uint8 pixels as a torch tensor (the GPU decode path's,
+        already on the device), normalising them where the model runs."""
+        return self._device_norm is not None
+
+    def encode_images(self, pixels: Any) -> np.ndarray:
         """Embed a batch of preprocessed images (N, 3, H, W) into unit vectors (N, dim): uint8
-        pixels from :meth:`preprocess`, or float32 ones already normalised."""
+        pixels from :meth:`preprocess`, or float32 ones already normalised; or, when
+        :attr:`takes_device_pixels`, a uint8 torch tensor (moved to the model's device if not there)."""
         torch = self._torch
-        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        if isinstance(pixels, torch.Tensor):
+            batch = pixels.to(self.device)
+        else:
+            batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
         with torch.inference_mode():
             if batch.dtype == torch.uint8:
                 batch = self._normalise(batch)
