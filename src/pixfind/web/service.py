@@ -33,6 +33,7 @@ from ..limits import (
 from ..pathkeys import key_of
 from ..version import __version__
 from .answers import ApiError
+from .jobs import DuplicatesJob
 from .paths import NOT_INDEXED, OpenedFile, clean_path, open_indexed, path_query, version_of
 
 if TYPE_CHECKING:
@@ -79,8 +80,10 @@ class WebService:
         # so memory one decode freed is reused by the next (each thread has its own malloc arena).
         self.decoder = ThreadPoolExecutor(limits.upload_decodes, thread_name_prefix="pixfind-upload")
         self.watch_state: Callable[[], dict[str, Any]] | None = None  # set by `pixfind serve --watch`
+        self.duplicates = DuplicatesJob(index, self.lock)
 
     def close(self) -> None:
+        self.duplicates.cancel(wait=True)  # at the next batch; the index is closed after this
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     # -- index calls, serialised
