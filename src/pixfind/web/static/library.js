@@ -217,9 +217,9 @@
     img.addEventListener("load", () => img.classList.add("loaded"));
     img.addEventListener("error", () => figure.classList.add("broken"));
     const figure = el("figure", { class: largest ? "dupe largest" : "dupe" },
-      el("a", { class: "dupe-thumb", href: file.image, target: "_blank", rel: "noopener", title: file.path }, img),
+      el("a", { class: "dupe-thumb", href: file.image, target: "_blank", rel: "noopener", title: file.path }, img,
+        largest ? el("span", { class: "dupe-badge", text: "Largest", title: "the largest copy: the one to keep" }) : ""),
       el("figcaption", {},
-        largest ? el("span", { class: "dupe-badge", text: "Largest", title: "the largest copy: the one to keep" }) : "",
         el("span", { class: "dupe-name", text: name, title: file.path }),
         el("span", { class: "dupe-folder", text: shortFolder(dirname(file.path)), title: file.path }),
         el("span", { class: "dupe-dims", text: `${file.width} × ${file.height} · ${formatBytes(file.size)}` })));
