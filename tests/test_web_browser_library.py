@@ -148,7 +148,7 @@ def test_the_watch_line_says_what_went_wrong_and_is_absent_without_watch(browser
         "phase": "failed",
         "applying": False,
         "pending": 2,
-        "last_batch": None,
+        "last_batch": {"at": 0, "new": 1, "copied": 2, "updated": 3, "moved": 4, "removed": 5, "failed": 6},
         "missing": ["/pics/<b>bold</b>"],
         "error": "cannot watch /pics/<b>bold</b>: No such file or directory",
     }
@@ -166,6 +166,7 @@ def test_the_watch_line_says_what_went_wrong_and_is_absent_without_watch(browser
             if visible:
                 text = line.inner_text()
                 assert "Stopped watching" in text and "2 changes pending" in text
+                assert "3 added, 3 changed, 4 moved, 5 removed, 6 failed" in text  # added: new and copied
                 assert "watched folder gone: /pics/<b>bold</b>" in text
                 assert page.locator("#watch-line b").count() == 0
                 errors = page.locator(".watch-error").all_inner_texts()

@@ -141,11 +141,13 @@ def test_one_run_at_a_time_and_searches_meanwhile(client: TestClient, slow_batch
     assert second.status_code == 409
     assert second.json()["state"] == "running"
     assert (second.json()["threshold"], second.json()["started_at"]) == (THRESHOLD, first["started_at"])
-    search = client.get("/api/search", params={"q": "a beach", "k": 3})  # answered between two batches
-    assert search.status_code == 200 and len(search.json()) == 3
-    assert client.get("/api/duplicates").json()["state"] == "running"
     assert len(job_threads()) == 1
-    assert finished(client)["state"] == "done"
+    wait_for(lambda: client.get("/api/duplicates").json()["scanned"] > 0, what="a first batch")
+    search = client.get("/api/search", params={"q": "a beach", "k": 3})  # answered between two batches
+    answered = time.time()
+    assert search.status_code == 200 and len(search.json()) == 3
+    done = finished(client)
+    assert done["state"] == "done" and done["finished_at"] > answered  # the search did not wait for the run
 
 
 def test_cancel_stops_the_run_and_its_thread(client: TestClient, slow_batches: None) -> None:
