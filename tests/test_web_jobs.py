@@ -20,7 +20,6 @@ from conftest import draw_photo
 from fastapi.testclient import TestClient
 from test_duplicates import THRESHOLD, derive_copies, drawn
 
-import pixfind.duplicates as duplicates
 import pixfind.web.jobs as jobs
 from pixfind.web.access import Credentials
 from pixfind.web.app import create_app
@@ -65,7 +64,7 @@ def client(index, tmp_path: Path) -> Iterator[TestClient]:  # type: ignore[no-un
 def slow_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of two stored vectors, each followed by a 0.3 s pause for searches: a run over the
     library's 14 images lasts seconds, long enough to be watched, cancelled, stopped."""
-    monkeypatch.setattr(duplicates, "SEARCH_BATCH", 2)
+    monkeypatch.setattr(jobs, "SEARCH_BATCH", 2)
     monkeypatch.setattr(jobs, "HANDOFF_S", 0.3)
 
 

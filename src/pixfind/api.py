@@ -328,6 +328,7 @@ class ImageIndex:
         progress: Callable[[int, int], None] | None = None,
         status: Callable[[str], None] | None = None,
         found: Callable[[int], None] | None = None,
+        batch: int | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of near-identical indexed images (copies, resized, re-encoded, lightly
         cropped), from the stored vectors (no model is loaded); ``threshold``: the cosine at or
@@ -337,7 +338,7 @@ class ImageIndex:
         switched to its IVF index as :meth:`optimize_for_queries` does (Lite's exact search
         takes ~50 ms a vector at 100k; :meth:`close` puts the exact index back); ``status`` is
         told while that takes its seconds, ``progress(done, total)`` after each batch, ``found``
-        the number of groups so far."""
+        the number of groups so far; ``batch``: stored vectors per search (default 500)."""
         from .duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
         from .search import resolve_under
 
@@ -346,7 +347,7 @@ class ImageIndex:
         if status is not None and not self._optimized and not self.store.is_server:
             status("preparing the index for a search of every image")
         self.optimize_for_queries()
-        return find_duplicates(self.store, limit, resolve_under(under), progress, found)
+        return find_duplicates(self.store, limit, resolve_under(under), progress, found, batch)
 
     def export(
         self,

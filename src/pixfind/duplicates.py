@@ -126,17 +126,20 @@ def find_duplicates(
     folder: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     found: Callable[[int], None] | None = None,
+    batch: int | None = None,
 ) -> list[DuplicateGroup]:
     """Groups of stored images (under ``folder``, an absolute path) whose vectors are at least
     ``threshold`` apart in cosine; ``progress(done, total)`` after each batch, and before it
-    ``found(groups so far)`` (the web page shows both while a long run goes on)."""
+    ``found(groups so far)`` (the web page shows both while a long run goes on); ``batch``:
+    stored vectors per search (default :data:`SEARCH_BATCH`; the server takes fewer, so that a
+    search waiting between two batches waits less)."""
     threshold = check_threshold(threshold)
     total = count_rows(store, folder)
     links = _UnionFind()
     done = 0
     if progress is not None:
         progress(0, total)  # the rate counts from here
-    for keys in store.iter_keys(folder, batch=SEARCH_BATCH):
+    for keys in store.iter_keys(folder, batch=batch or SEARCH_BATCH):
         vectors = store.vectors_of(keys)
         present = [key for key in keys if key in vectors]
         if present:

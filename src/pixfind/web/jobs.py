@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 
 #: Groups a GET returns at most in one answer (the page asks for the next ones as it scrolls).
 MAX_GROUPS_PER_ANSWER = 500
+#: Stored vectors per Milvus search in a run (the command line's 500 make a search wait longer).
+SEARCH_BATCH = 100
+#: Longest a run waits, at one batch boundary, for searches that queue without end.
+MAX_LEND_S = 2.0
 
 
 class JobCancelled(Exception):
@@ -95,9 +99,16 @@ def group_json(group: DuplicateGroup) -> dict[str, Any]:
 class DuplicatesJob:
     """At most one duplicates run of ``index``, under ``lock`` (the routes' index lock)."""
 
-    def __init__(self, index: ImageIndex, lock: Any, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        index: ImageIndex,
+        lock: Any,
+        waiting: Callable[[], int] = lambda: 0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.index = index
         self.lock = lock
+        self.waiting = waiting  # how many calls wait for ``lock``: they go first at each batch
         self.log = log or (lambda line: print(line, flush=True))
         self.status = JobState()
         self._guard = threading.Lock()  # guards starting and the thread handle
@@ -138,6 +149,7 @@ class DuplicatesJob:
                     progress=lambda done, total: self._step(status, done, total),
                     status=lambda what: setattr(status, "phase", what),
                     found=lambda count: setattr(status, "groups_found", count),
+                    batch=SEARCH_BATCH,
                 )
             status.groups = groups
             status.groups_found = len(groups)
@@ -163,9 +175,14 @@ class DuplicatesJob:
         self._lend_lock()
 
     def _lend_lock(self) -> None:
+        """Let every call waiting for the lock go first (a lock is not fair: released and taken
+        again at once, it would often stay with the run), for :data:`MAX_LEND_S` at most."""
         self.lock.release()
         try:
             time.sleep(HANDOFF_S)  # a search woken by the release takes the lock meanwhile
+            deadline = time.monotonic() + MAX_LEND_S
+            while self.waiting() and time.monotonic() < deadline and not self._cancel.is_set():
+                time.sleep(HANDOFF_S)
         finally:
             self.lock.acquire()
         if self._cancel.is_set():
