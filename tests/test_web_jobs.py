@@ -245,3 +245,20 @@ def test_a_file_added_under_a_watched_folder_shows_in_the_status(index_factory, 
         shutil.rmtree(folder)
         gone = wait_for(lambda: client.get("/api/watch").json()["missing"], 30, "the folder gone")
         assert gone == [os.path.realpath(folder)]
+
+
+def test_at_each_batch_every_queued_request_goes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock is not fair: released and taken again at once it often stays with the run. At a
+    batch boundary the run keeps it released while requests are counted as waiting for it."""
+    monkeypatch.setattr(jobs, "MAX_LEND_S", 60.0)
+    lock, queued = threading.Lock(), [1]
+    job = jobs.DuplicatesJob(index=None, lock=lock, waiting=lambda: queued[0])  # type: ignore[arg-type]
+    lock.acquire()  # as the run holds it
+    lending = threading.Thread(target=job._lend_lock)
+    lending.start()
+    time.sleep(0.5)  # far longer than the handoff's own pause
+    assert lending.is_alive() and not lock.locked()  # still lent: one request is queued
+    queued[0] = 0
+    lending.join(30)
+    assert not lending.is_alive() and lock.locked()  # taken back once the queue is empty
+    lock.release()
