@@ -173,3 +173,50 @@ def test_the_watch_line_says_what_went_wrong_and_is_absent_without_watch(browser
                 assert any("cannot watch /pics/<b>bold</b>" in e for e in errors), errors
         finally:
             context.close()
+
+
+def test_progress_and_cancel_while_a_run_goes_on(browser, server: LiveServer) -> None:  # noqa: F811
+    """The server's answers are replaced (a run of 5,000 images under way) to see the progress
+    the page shows, and that Cancel asks the server to stop it."""
+    running = {
+        "state": "running",
+        "threshold": 0.97,
+        "under": None,
+        "phase": "comparing",
+        "scanned": 1200,
+        "total": 5000,
+        "groups_found": 7,
+        "started_at": 1_700_000_000,
+        "finished_at": None,
+        "elapsed_s": 12.4,
+        "error": None,
+        "default_threshold": 0.95,
+    }
+    sent: list[str] = []
+
+    def duplicates(route) -> None:  # type: ignore[no-untyped-def]
+        sent.append(route.request.method)
+        answer = running if sent.count("DELETE") == 0 else {**running, "state": "cancelled"}
+        route.fulfill(json=answer)
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(server.url)
+        wait_until_indexed(page, 9)  # the watch's first run over (it holds the index meanwhile)
+        page.route("**/api/duplicates*", duplicates)
+        page.goto(server.url + "?view=duplicates")
+        page.wait_for_selector("#dupes-progress:not([hidden])")
+        text = page.inner_text("#dupes-progress-text")
+        assert text == "Compared 1,200 of 5,000 pictures · 7 groups so far · 12 s", text
+        assert page.eval_on_selector("#dupes-bar", "bar => [bar.value, bar.max]") == [1200, 5000]
+        assert page.input_value("#dupes-threshold") == "0.97"  # the running one's
+        assert page.locator("#dupes-start").is_disabled()
+        page.click("#dupes-cancel")
+        page.wait_for_function("() => document.querySelector('#dupes-summary').textContent.startsWith('Cancelled')")
+        assert "DELETE" in sent and "POST" not in sent
+        assert page.locator("#dupes-progress").is_hidden() and page.locator("#dupes-cancel").is_hidden()
+        assert page.inner_text("#dupes-summary") == "Cancelled after comparing 1,200 of 5,000 pictures."
+    finally:
+        context.close()
