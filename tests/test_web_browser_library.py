@@ -100,6 +100,8 @@ def test_the_duplicates_view_shows_the_group_with_names_as_text(page, watched: d
     assert largest.count() == 1 and largest.locator(".dupe-badge").inner_text() == "Largest"
     assert largest.locator(".dupe-dims").inner_text().startswith("640 × 480 · ")
     assert page.locator(".dupe").nth(5).locator(".dupe-dims").inner_text() != "640 × 480"
+    same = page.locator(".dupe:has(.dupe-same) .dupe-name").all_inner_texts()  # byte copies of the largest
+    assert sorted(same) == sorted({"beach.jpg", "beach_copy.jpg", HOSTILE_FILE} - {names[0]}), (same, names)
     page.wait_for_function("() => document.querySelectorAll('.dupe img.loaded').length === 6")
     shoot(page, "web-duplicates.png")
 

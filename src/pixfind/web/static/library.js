@@ -204,14 +204,16 @@
     const files = group.files;
     const head = el("div", { class: "dupe-group-head" },
       el("strong", { text: `#${number} · ${plural(files.length, "picture")}` }),
-      el("span", { class: "muted", text: ` · similarity ≥ ${group.similarity.toFixed(3)}` }),
+      el("span", { class: "muted", text: ` · similarity ≥ ${group.similarity.toFixed(4)}` }),
       group.exact_copies ? el("span", { class: "dupe-exact", text: "identical bytes" }) : "",
       el("span", { class: "muted", text: ` · ${formatBytes(group.reclaimable_bytes)} to free` }));
-    const row = el("div", { class: "dupe-row" }, ...files.map((file, i) => renderFile(file, i === 0)));
+    const keep = files[0].content;
+    const row = el("div", { class: "dupe-row" },
+      ...files.map((file, i) => renderFile(file, i === 0, i > 0 && Boolean(keep) && file.content === keep)));
     return el("article", { class: "dupe-group" }, head, row);
   }
 
-  function renderFile(file, largest) {
+  function renderFile(file, largest, sameBytes) {
     const name = basename(file.path);
     const img = el("img", { src: file.thumb, alt: name, loading: "lazy", decoding: "async" });
     img.addEventListener("load", () => img.classList.add("loaded"));
@@ -222,7 +224,8 @@
       el("figcaption", {},
         el("span", { class: "dupe-name", text: name, title: file.path }),
         el("span", { class: "dupe-folder", text: shortFolder(dirname(file.path)), title: file.path }),
-        el("span", { class: "dupe-dims", text: `${file.width} × ${file.height} · ${formatBytes(file.size)}` })));
+        el("span", { class: "dupe-dims", text: `${file.width} × ${file.height} · ${formatBytes(file.size)}` }),
+        sameBytes ? el("span", { class: "dupe-same", text: "same bytes as the largest" }) : ""));
     return figure;
   }
 
