@@ -332,6 +332,8 @@ class ImageIndex:
         under: str | None = None,
         progress: Callable[[int, int], None] | None = None,
         status: Callable[[str], None] | None = None,
+        found: Callable[[int], None] | None = None,
+        batch: int | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of near-identical indexed images (copies, resized, re-encoded, lightly
         cropped), from the stored vectors (no model is loaded); ``threshold``: the cosine at or
@@ -340,7 +342,8 @@ class ImageIndex:
         Every stored vector is searched once, so a Milvus Lite file of 50,000+ images is first
         switched to its IVF index as :meth:`optimize_for_queries` does (Lite's exact search
         takes ~50 ms a vector at 100k; :meth:`close` puts the exact index back); ``status`` is
-        told while that takes its seconds, ``progress(done, total)`` after each batch."""
+        told while that takes its seconds, ``progress(done, total)`` after each batch, ``found``
+        the number of groups so far; ``batch``: stored vectors per search (default 500)."""
         from .duplicates import DEFAULT_THRESHOLD, check_threshold, find_duplicates
         from .search import resolve_under
 
@@ -349,7 +352,7 @@ class ImageIndex:
         if status is not None and not self._optimized and not self.store.is_server:
             status("preparing the index for a search of every image")
         self.optimize_for_queries()
-        return find_duplicates(self.store, limit, resolve_under(under), progress)
+        return find_duplicates(self.store, limit, resolve_under(under), progress, found, batch)
 
     def export(
         self,

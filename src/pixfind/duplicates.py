@@ -83,6 +83,11 @@ class DuplicateGroup:
 class _UnionFind:
     parent: dict[str, str] = field(default_factory=dict)
     weakest: dict[str, float] = field(default_factory=dict)  # per root: lowest score that joined it
+    merges: int = 0  # unions of two groups: every linked path less the merges is the number of groups
+
+    @property
+    def group_count(self) -> int:
+        return len(self.parent) - self.merges
 
     def find(self, item: str) -> str:
         root = self.parent.setdefault(item, item)
@@ -98,6 +103,7 @@ class _UnionFind:
         if root_a != root_b:
             self.parent[root_b] = root_a
             self.weakest.pop(root_b, None)
+            self.merges += 1
         self.weakest[root_a] = weakest
 
     def groups(self) -> Iterator[tuple[list[str], float]]:
@@ -119,22 +125,29 @@ def find_duplicates(
     threshold: float = DEFAULT_THRESHOLD,
     folder: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    found: Callable[[int], None] | None = None,
+    batch: int | None = None,
 ) -> list[DuplicateGroup]:
     """Groups of stored images (under ``folder``, an absolute path) whose vectors are at least
-    ``threshold`` apart in cosine; ``progress(done, total)`` after each batch."""
+    ``threshold`` apart in cosine; ``progress(done, total)`` after each batch, and before it
+    ``found(groups so far)`` (the web page shows both while a long run goes on); ``batch``:
+    stored vectors per search (default :data:`SEARCH_BATCH`; the server takes fewer, so that a
+    search waiting between two batches waits less)."""
     threshold = check_threshold(threshold)
     total = count_rows(store, folder)
     links = _UnionFind()
     done = 0
     if progress is not None:
         progress(0, total)  # the rate counts from here
-    for keys in store.iter_keys(folder, batch=SEARCH_BATCH):
+    for keys in store.iter_keys(folder, batch=batch or SEARCH_BATCH):
         vectors = store.vectors_of(keys)
         present = [key for key in keys if key in vectors]
         if present:
             results = store.search([vectors[key] for key in present], limit=NEIGHBOURS, folder=folder)
             _link(links, present, results, threshold)
         done += len(keys)
+        if found is not None:
+            found(links.group_count)
         if progress is not None:
             progress(done, total)
     return _groups(store, links)

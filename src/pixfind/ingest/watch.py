@@ -185,6 +185,8 @@ class WatchState:
     batches: int = 0
     pending: int = 0
     last_summary: str = ""
+    last_batch: dict[str, Any] | None = None  # the counts of the last run that did something, and when
+    error: str | None = None  # why the watch stopped
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -195,6 +197,25 @@ class WatchState:
             "batches": self.batches,
             "pending": self.pending,
             "last_summary": self.last_summary,
+            "last_batch": self.last_batch,
+            "error": self.error,
+            "missing": [folder for folder in self.folders if not os.path.exists(folder)],
+        }
+
+    def record(self, report: IndexReport) -> None:
+        """The summary and counts of ``report``, the last run that did something."""
+        self.last_summary = _first_line(report)
+        self.last_batch = {
+            "at": time.time(),
+            "new": report.new,
+            "updated": report.updated,
+            "moved": report.moved,
+            "copied": report.copied,
+            "removed": report.removed,
+            "failed": len(report.failed),
+            "unreadable": len(report.unreadable),
+            "problems": [f"{path}: {reason}" for path, reason in [*report.failed, *report.unreadable.items()][:5]],
+            "elapsed_s": round(report.elapsed_s, 3),
         }
 
 
@@ -266,7 +287,7 @@ class Watcher:
         self.state.phase = "indexing"
         with self._holding() as lent:
             report = self.index.add(*self.roots.paths, progress=progress or lent, stop=stop)
-        self.state.last_summary = _first_line(report)
+        self.state.record(report)
         return report
 
     def run(self, stop: threading.Event, on_report: Callable[[IndexReport], None]) -> None:
@@ -288,7 +309,7 @@ class Watcher:
             self.state.batches += 1
             self.state.pending = self.batcher.pending()
             if _did_something(report):
-                self.state.last_summary = _first_line(report)
+                self.state.record(report)
                 on_report(report)
         self.state.phase = "stopped"
 
@@ -350,13 +371,14 @@ def watching_in_background(watcher: Watcher | None, say: Callable[[str], None]) 
                 say(f"pixfind: watching {_folders(watcher.roots.paths)} for changes")
                 watcher.run(stop, say_all)
         except PixfindError as exc:
-            watcher.state.phase = "failed"
+            watcher.state.phase, watcher.state.error = "failed", str(exc)
             say(f"pixfind: watch stopped: {exc}")
         except Exception as exc:  # the server goes on answering searches; the watch says why it ended
             if debug_enabled():
                 raise
             watcher.state.phase = "failed"
             what = f"{type(exc).__name__}: {exc}"
+            watcher.state.error = f"internal error: {what}"
             say(f"pixfind: watch stopped: internal error: {what} (set PIXFIND_DEBUG=1 for details)")
 
     thread = threading.Thread(target=work, name="pixfind-watch", daemon=True)

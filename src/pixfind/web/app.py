@@ -27,12 +27,14 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from ..duplicates import DEFAULT_THRESHOLD, check_threshold
 from ..errors import PixfindError
 from ..limits import DEFAULT_RESULTS, MAX_QUERY_TERMS, MAX_RESULTS, check_limit, check_min_score, check_query
 from ..query import Term, check_terms, parse_query
 from ..version import __version__
 from .access import AccessGuard, Credentials
 from .answers import ApiError, AsciiJSONResponse, validation_message
+from .jobs import MAX_GROUPS_PER_ANSWER
 from .middleware import SecurityHeaders, UploadLimit
 from .paths import MAX_PATH_CHARS, OpenedFile, raw_query_param
 from .service import Limits, WebService, upload_too_large
@@ -363,6 +365,51 @@ def image(request: Request, service: Service, path: PathParam, v: VersionParam =
     except BaseException:
         opened.close()
         raise
+
+
+# -- duplicates and the live index ----------------------------------------------------------------
+
+ThresholdParam = Annotated[
+    float | None, Query(description="cosine at or above which two images are duplicates (0 to 1; default 0.95)")
+]
+OffsetParam = Annotated[int, Query(ge=0, description="groups to leave out (the page asks for the next ones)")]
+GroupsParam = Annotated[int, Query(ge=1, le=MAX_GROUPS_PER_ANSWER, description="groups in this answer at most")]
+
+
+def job_answer(service: WebService, status: int = 200, offset: int = 0, limit: int = MAX_GROUPS_PER_ANSWER) -> Response:
+    data = service.duplicates.status.to_dict(offset, limit)
+    data["default_threshold"] = DEFAULT_THRESHOLD
+    return AsciiJSONResponse(data, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+@router.post(
+    "/api/duplicates",
+    summary="Start looking for duplicates (one run at a time; 409 with the running one's state while it runs)",
+    status_code=202,
+)
+def start_duplicates(
+    request: Request, service: Service, threshold: ThresholdParam = None, under: UnderParam = None
+) -> Response:
+    limit = _refused_as_400(check_threshold, DEFAULT_THRESHOLD if threshold is None else threshold, "bad request: ")
+    started = service.duplicates.start(limit, checked_under(request))
+    return job_answer(service, 202 if started else 409)
+
+
+@router.get("/api/duplicates", summary="How the duplicates run goes; once done, its groups (largest file first)")
+def duplicates_state(service: Service, offset: OffsetParam = 0, limit: GroupsParam = 100) -> Response:
+    return job_answer(service, offset=offset, limit=limit)
+
+
+@router.delete("/api/duplicates", summary="Cancel the duplicates run (it stops after the batch in hand)")
+def cancel_duplicates(service: Service) -> Response:
+    service.duplicates.cancel()
+    return job_answer(service)
+
+
+@router.get("/api/watch", summary="What `pixfind serve --watch` is doing (active: false without --watch)")
+def watch_state(service: Service) -> Response:
+    data = {"active": False} if service.watch_state is None else {"active": True, **service.watch_state()}
+    return AsciiJSONResponse(data, headers={"Cache-Control": "no-store"})
 
 
 # -- the app --------------------------------------------------------------------------------------

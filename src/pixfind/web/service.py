@@ -13,7 +13,7 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from ..limits import (
 from ..pathkeys import key_of
 from ..version import __version__
 from .answers import ApiError
+from .jobs import DuplicatesJob
 from .paths import NOT_INDEXED, OpenedFile, clean_path, open_indexed, path_query, version_of
 
 if TYPE_CHECKING:
@@ -74,13 +75,17 @@ class WebService:
         self.thumb_dir = Path(thumb_dir)
         self.limits = limits
         self.lock = threading.Lock()  # one Milvus client and one model: one call at a time
+        self.waiting = 0  # calls waiting for the lock: a long run lets them all go first
+        self._waiting_guard = threading.Lock()
         self.thumb_slots = threading.BoundedSemaphore(cpu_cores())
         # Decoding is what an upload costs in memory: a few at a time, always on the same threads,
         # so memory one decode freed is reused by the next (each thread has its own malloc arena).
         self.decoder = ThreadPoolExecutor(limits.upload_decodes, thread_name_prefix="pixfind-upload")
         self.watch_state: Callable[[], dict[str, Any]] | None = None  # set by `pixfind serve --watch`
+        self.duplicates = DuplicatesJob(index, self.lock, waiting=lambda: self.waiting)
 
     def close(self) -> None:
+        self.duplicates.cancel(wait=True)  # at the next batch; the index is closed after this
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     # -- index calls, serialised
@@ -89,12 +94,27 @@ class WebService:
         """``func`` under the index lock; Milvus unreachable is a 503, anything else the index
         cannot answer (an empty index, say) a 409."""
         try:
-            with self.lock:
+            with self.index_turn():
                 return func(*args, **kwargs)
         except StoreError as exc:
             raise ApiError(503, str(exc)) from exc
         except PixfindError as exc:
             raise ApiError(409, str(exc)) from exc
+
+    @contextlib.contextmanager
+    def index_turn(self) -> Iterator[None]:
+        """The index lock, counted in :attr:`waiting` until it is held."""
+        with self._waiting_guard:
+            self.waiting += 1
+        try:
+            self.lock.acquire()
+        finally:
+            with self._waiting_guard:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def search_image(self, image: Image.Image, k: int, under: str | None, **options: Any) -> list[Hit]:
         return self.call(self.index.search_image, image, limit=k, under=under, **options)
