@@ -262,3 +262,33 @@ def test_at_each_batch_every_queued_request_goes_first(monkeypatch: pytest.Monke
     lending.join(30)
     assert not lending.is_alive() and lock.locked()  # taken back once the queue is empty
     lock.release()
+
+
+# -- a stop while requests wait for the index -----------------------------------------------------
+
+
+def test_a_request_waiting_for_the_index_answers_503_once_the_server_begins_to_stop(client: TestClient) -> None:
+    service = client.app.state.pixfind  # type: ignore[attr-defined]
+    answers: list[Any] = []
+    with service.lock:  # a long batch of the watch, say, holds the index
+        asking = threading.Thread(target=lambda: answers.append(client.get("/api/search", params={"q": "sea"})))
+        asking.start()
+        wait_for(lambda: service.waiting == 1, what="the search to wait for the index")
+        service.begin_stop()
+        asking.join(SETTLE_S)
+        assert not asking.is_alive(), "the waiting search was not answered once the stop began"
+    assert answers[0].status_code == 503
+    assert "stopping" in answers[0].json()["detail"]
+
+
+def test_a_stop_asked_of_the_server_is_told_before_its_grace_period() -> None:
+    import signal
+
+    from fastapi import FastAPI
+
+    from pixfind.web.server import make_server
+
+    told: list[str] = []
+    server = make_server(FastAPI(), on_stop=[lambda: told.append("stop")])
+    server.handle_exit(signal.SIGTERM, None)
+    assert told == ["stop"] and server.should_exit

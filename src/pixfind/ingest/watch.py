@@ -350,15 +350,18 @@ def _watch_error(root: str, exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def watching_in_background(watcher: Watcher | None, say: Callable[[str], None]) -> Iterator[None]:
+def watching_in_background(
+    watcher: Watcher | None, say: Callable[[str], None], stop: threading.Event | None = None
+) -> Iterator[None]:
     """Inside ``pixfind serve``: the first run over the roots, then the batches, on a thread of
-    their own while the block runs; on exit the batch in hand ends and the thread is joined."""
+    their own while the block runs; on exit (or once ``stop`` is set: the server begins to stop)
+    the batch in hand ends and the thread is joined."""
     if watcher is None:
         yield
         return
     from ..render import summary_lines
 
-    stop = threading.Event()
+    stop = stop or threading.Event()
 
     def say_all(report: IndexReport) -> None:
         for line in summary_lines(report):

@@ -55,9 +55,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(app: FastAPI, transport: TransportLimits | None = None, log_level: str = "warning") -> Any:
-    """The uvicorn server for ``app``, with slow clients timed out and connections capped."""
+def make_server(
+    app: FastAPI,
+    transport: TransportLimits | None = None,
+    log_level: str = "warning",
+    on_stop: Sequence[Callable[[], None]] = (),
+) -> Any:
+    """The uvicorn server for ``app``, with slow clients timed out and connections capped.
+    ``on_stop``: called as soon as a stop is asked (Ctrl+C, SIGTERM), before the server's grace
+    period for requests in flight, so that work holding them up (a watch's batch, a request waiting
+    for the index) ends within it."""
     import uvicorn
+
+    class Server(uvicorn.Server):  # type: ignore[misc]
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            for call in on_stop:
+                call()
+            super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
         app,
@@ -67,7 +81,7 @@ def make_server(app: FastAPI, transport: TransportLimits | None = None, log_leve
         timeout_graceful_shutdown=3,
         server_header=False,
     )
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def serve(
@@ -128,12 +142,13 @@ def serve(
         for line in access.lines:
             say(line)
         say(f"  API documentation: {url}docs · press Ctrl+C to stop")
-        server = make_server(app, transport, log_level)
+        stop_watch = threading.Event()
+        server = make_server(app, transport, log_level, on_stop=(app.state.pixfind.begin_stop, stop_watch.set))
         _exit_cleanly_on_sigterm()
         with (
             contextlib.suppress(KeyboardInterrupt),
             _announce(index, bound, bound_port, access.credentials),
-            watching_in_background(watcher, say),
+            watching_in_background(watcher, say, stop_watch),
         ):
             server.run(sockets=[sock])
     finally:

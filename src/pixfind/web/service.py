@@ -67,6 +67,9 @@ def upload_too_large(limit: int) -> str:
     return f"upload too large: the limit is {limit / (1024 * 1024):g} MiB"
 
 
+STOP_CHECK_S = 0.2  # how often a call waiting for the index looks whether the server stops
+
+
 class WebService:
     """What the routes ask of the index, serialised, with index errors turned into HTTP statuses."""
 
@@ -77,12 +80,21 @@ class WebService:
         self.lock = threading.Lock()  # one Milvus client and one model: one call at a time
         self.waiting = 0  # calls waiting for the lock: a long run lets them all go first
         self._waiting_guard = threading.Lock()
+        #: Set when the server begins to stop: a call still waiting for the lock answers 503 then,
+        #: rather than be cancelled by the server's grace period.
+        self.stopping = threading.Event()
         self.thumb_slots = threading.BoundedSemaphore(cpu_cores())
         # Decoding is what an upload costs in memory: a few at a time, always on the same threads,
         # so memory one decode freed is reused by the next (each thread has its own malloc arena).
         self.decoder = ThreadPoolExecutor(limits.upload_decodes, thread_name_prefix="pixfind-upload")
         self.watch_state: Callable[[], dict[str, Any]] | None = None  # set by `pixfind serve --watch`
         self.duplicates = DuplicatesJob(index, self.lock, waiting=lambda: self.waiting)
+
+    def begin_stop(self) -> None:
+        """The server begins to stop: calls waiting for the index answer 503, a duplicates run
+        ends at its next batch."""
+        self.stopping.set()
+        self.duplicates.cancel()
 
     def close(self) -> None:
         self.duplicates.cancel(wait=True)  # at the next batch; the index is closed after this
@@ -107,7 +119,9 @@ class WebService:
         with self._waiting_guard:
             self.waiting += 1
         try:
-            self.lock.acquire()
+            while not self.lock.acquire(timeout=STOP_CHECK_S):
+                if self.stopping.is_set():
+                    raise ApiError(503, "pixfind is stopping: ask again once it is back")
         finally:
             with self._waiting_guard:
                 self.waiting -= 1
