@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,7 @@ from ..models.base import Encoder
 from ..store import Row, Store
 from .content import NotRegularFileError, read_file
 from .decode import ImageLoadError, describe_failure, load_image
+from .facts import Header, facts_of
 from .plan import WorkItem
 
 Turn = Callable[[], AbstractContextManager[object]]
@@ -40,6 +42,7 @@ class Decoded:
     mtime_ns: int
     fingerprint: str
     content: str
+    facts: dict[str, Any] = field(default_factory=dict)  # date taken, camera, type (ingest.facts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,9 @@ def decode_item(
         return Failed(path, describe_failure(exc, path))
     except Exception as exc:
         return Failed(path, f"cannot process: {exc}")
-    return Decoded(item, pixels, loaded.width, loaded.height, raw.size, raw.mtime_ns, print_, content)
+    header = loaded.header or Header(None, None, "", "")
+    facts = facts_of(header, loaded.width, loaded.height, raw.mtime_ns)
+    return Decoded(item, pixels, loaded.width, loaded.height, raw.size, raw.mtime_ns, print_, content, facts)
 
 
 def embed_batch(encoder: Encoder, batch: Sequence[Decoded], turn: Turn = contextlib.nullcontext) -> list[Row]:
@@ -84,7 +89,7 @@ def embed_batch(encoder: Encoder, batch: Sequence[Decoded], turn: Turn = context
     with turn():
         vectors = encoder.encode_images(pixels)
     return [
-        Row(d.item.key, vector, d.size, d.mtime_ns, d.width, d.height, d.fingerprint, d.content)
+        Row(d.item.key, vector, d.size, d.mtime_ns, d.width, d.height, d.fingerprint, d.content, d.facts)
         for d, vector in zip(batch, vectors, strict=True)
     ]
 
