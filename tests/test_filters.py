@@ -244,14 +244,15 @@ def test_filters_apply_inside_the_search_with_under_k_min_score_and_terms(librar
 def test_bad_filters_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     uri = str(tmp_path / "none.db")
     cases = [
-        (["--after", "2024-13-01"], "--after '2024-13-01': give a day as YYYY-MM-DD"),
-        (["--before", "31/05/2024"], "--before '31/05/2024': give a day as YYYY-MM-DD"),
+        (["--after", "2024-13-01"], "--after '2024-13-01' is not a day: give one as YYYY-MM-DD"),
+        (["--after", "2024-02-30"], "--after '2024-02-30' is not a day"),
+        (["--before", "31/05/2024"], "--before '31/05/2024' is not a day: give one as YYYY-MM-DD"),
         (["--after", "2024-06-01", "--before", "2024-05-01"], "later than --before"),
         (["--type", "heic"], "--type 'heic' is not a type pixfind indexes"),
         (["--orientation", "wide"], "choose landscape, portrait or square"),
         (["--camera", "%"], "--camera needs letters or digits"),
         (["--min-width", "0"], "--min-width takes a number of pixels"),
-        (["--after", "2024-05-01\x1b[31m"], "give a day as YYYY-MM-DD"),
+        (["--after", "2024-05-01\x1b[31m"], "give one as YYYY-MM-DD"),
     ]
     for args, message in cases:
         assert main(["search", "a dog", "--uri", uri, *args]) == 2, args
@@ -303,13 +304,13 @@ def test_cli_api_web_and_forwarded_searches_filter_alike(  # type: ignore[no-unt
             )
             forwarded_image = json.loads(capsys.readouterr().out)
             assert main(["search", "a dog", "--after", "nope", "--uri", library.uri]) == 2
-            assert "give a day as YYYY-MM-DD" in capsys.readouterr().err
+            assert "give one as YYYY-MM-DD" in capsys.readouterr().err
     assert web.status_code == 200 and web.json() == [
         {**h, "size": w["size"], "thumb": w["thumb"], "image": w["image"], "similar": w["similar"]}
         for h, w in zip(direct, web.json(), strict=True)
     ]
     assert {Path(h["path"]).name for h in typed.json()} == {"e.png"}
-    assert bad.status_code == 400 and "give a day as YYYY-MM-DD" in bad.json()["detail"]
+    assert bad.status_code == 400 and "give one as YYYY-MM-DD" in bad.json()["detail"]
     assert image.status_code == 200 and "d.png" not in {Path(h["path"]).name for h in image.json()}
     assert {Path(h["path"]).name for h in similar.json()} == {"g.jpg"}
     assert forwarded == direct

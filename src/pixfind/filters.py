@@ -162,7 +162,7 @@ def parse_day(value: str | date | None, name: str) -> date | None:
         day = None
     if day is None:
         shown = text[:40].encode("unicode_escape").decode("ascii")
-        raise FilterError(f"--{name} {shown!r}: give a day as YYYY-MM-DD, e.g. --{name} 2024-05-31")
+        raise FilterError(f"--{name} {shown!r} is not a day: give one as YYYY-MM-DD, e.g. --{name} 2024-05-31")
     return day
 
 

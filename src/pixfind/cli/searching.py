@@ -316,7 +316,7 @@ def info(
         if "images_with_facts" in data:
             missing = data["images"] - data["images_with_facts"]
             hint = f" ({missing:,} without: pixfind index adds them)" if missing else ""
-            rows.append(("dates, cameras", f"{data['images_with_facts']:,} images{hint}"))
+            rows.append(("filter fields", f"{data['images_with_facts']:,} images{hint}"))
     else:
         rows.append(("images", "0 (not created yet: run pixfind index FOLDER)"))
     if "size_bytes" in data:
