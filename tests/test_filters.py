@@ -447,3 +447,30 @@ def test_copied_photos_keep_their_own_date(small_encoder, tmp_path: Path) -> Non
         report = idx.add(root)
         assert (report.copied, report.embedded) == (1, 0)
         assert found(idx, root, before="2019-12-31") == {"copy.png"}
+
+
+def test_a_backfill_reads_headers_only_png_included(small_encoder, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Pillow finds a PNG's EXIF by decoding every pixel unless told not to look: a backfill of
+    an old index must decode nothing (PNGs, whose dates come from their mtimes, included)."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    root = tmp_path / "photos"
+    write_photos(root, [PHOTOS[0], PHOTOS[3], PHOTOS[4]])
+    lib = Library(root, str(tmp_path / "index.db"), None, "pixfind")
+    keys = [key_of(str(root / p.name)) for p in (PHOTOS[0], PHOTOS[3], PHOTOS[4])]
+    with lib.open(small_encoder) as idx:
+        idx.add(root)
+        strip_facts(idx.store, keys)
+        decoded: list[str] = []
+        for plugin in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+            real = plugin.load
+
+            def counted(self, real=real):  # type: ignore[no-untyped-def]
+                decoded.append(self.format)
+                return real(self)
+
+            monkeypatch.setattr(plugin, "load", counted)
+        assert idx.add(root).backfilled == 3
+        assert decoded == []
+        assert found(idx, root, before="2023-12-31") == {"d.png"}
+        assert found(idx, root, types="png", orientation="portrait") == {"e.png"}

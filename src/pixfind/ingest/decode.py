@@ -78,12 +78,12 @@ def _decode(img: Image.Image, min_side: int | None) -> LoadedImage:
     width, height = img.size
     if width * height > MAX_PIXELS:
         raise ImageLoadError(f"too large: {width}x{height} px (limit {MAX_PIXELS // 1_000_000} MP)")
-    header = header_of(img)  # from the bytes already in memory: the file is not read again
     if getattr(img, "is_animated", False):  # not n_frames: that walks every frame of the file
         img.seek(0)  # animated GIF/WebP/TIFF: the first frame stands for the file
     if min_side and img.format == "JPEG":
         img.draft(img.mode, (min_side, min_side))
     img.load()
+    header = header_of(img, loaded=True)  # from the bytes already in memory: the file is not read again
     if _rotated(img):
         width, height = height, width
     oriented = ImageOps.exif_transpose(img)
