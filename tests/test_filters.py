@@ -474,3 +474,27 @@ def test_a_backfill_reads_headers_only_png_included(small_encoder, tmp_path: Pat
         assert decoded == []
         assert found(idx, root, before="2023-12-31") == {"d.png"}
         assert found(idx, root, types="png", orientation="portrait") == {"e.png"}
+
+
+def test_an_export_carries_the_date_camera_and_type(library: Library, small_encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow.parquet as pq
+
+    with library.open(small_encoder, create=False) as idx:
+        report = idx.export(tmp_path / "out.parquet")
+    assert report.rows == len(PHOTOS)
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    rows = {str(Path(row["path"]).relative_to(library.root)): row for row in table}
+    for photo in PHOTOS:
+        row = rows[photo.name]
+        exif = photo.taken and not photo.taken.startswith("0000")
+        expected = datetime.strptime(photo.taken, "%Y:%m:%d %H:%M:%S") if exif else photo.mtime
+        if expected is not None:
+            assert row["taken"] == expected, photo.name
+        assert (row["taken_from"], row["type"]) == ("exif" if exif else "mtime", photo.kind)
+        assert (
+            row["orientation"]
+            == {1: "landscape", 0: "square", -1: "portrait"}[
+                (photo.size[0] > photo.size[1]) - (photo.size[0] < photo.size[1])
+            ]
+        )
+    assert rows["a.jpg"]["camera"] == "Canon EOS 5D Mark II" and rows["d.png"]["camera"] is None
