@@ -498,3 +498,34 @@ def test_an_export_carries_the_date_camera_and_type(library: Library, small_enco
             ]
         )
     assert rows["a.jpg"]["camera"] == "Canon EOS 5D Mark II" and rows["d.png"]["camera"] is None
+
+
+def test_the_ray_stages_carry_the_facts_from_decode_to_the_row(tmp_path: Path) -> None:
+    """The columns the Ray stages pass along (tests/test_ray_index.py runs them on a cluster)."""
+    from pixfind.ingest.ray_stages import decode_rows, outcome_of
+    from pixfind.pathkeys import path_of
+
+    root = tmp_path / "photos"
+    write_photos(root, [PHOTOS[0], PHOTOS[3]])
+    paths = [root / "a.jpg", root / "d.png"]
+    batch = {
+        "path": np.array([str(p) for p in paths], dtype=object),
+        "key": np.array([key_of(str(p)) for p in paths], dtype=object),
+        "size": np.array([p.stat().st_size for p in paths]),
+        "mtime_ns": np.array([p.stat().st_mtime_ns for p in paths]),
+        "is_update": np.array([False, False]),
+    }
+    decoded = decode_rows(batch, 32, None)
+    decoded.pop("pixels")
+    decoded["vector"] = np.full((2, 4), 0.5, dtype=np.float32)  # what the embed actor adds
+    facts = {Path(path_of(row.key)).name: row.facts or {} for row in outcome_of(decoded).rows}
+    assert (facts["a.jpg"]["camera"], facts["a.jpg"]["taken_from"], facts["a.jpg"]["type"]) == (
+        "Canon EOS 5D Mark II",
+        "exif",
+        "jpeg",
+    )
+    assert (facts["d.png"]["taken_from"], facts["d.png"]["type"], facts["d.png"]["orientation"]) == (
+        "mtime",
+        "png",
+        "landscape",
+    )
