@@ -10,6 +10,7 @@ boundaries too (the first and last second of a day).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -529,3 +530,24 @@ def test_the_ray_stages_carry_the_facts_from_decode_to_the_row(tmp_path: Path) -
         "png",
         "landscape",
     )
+
+
+def test_camera_text_is_cleaned_before_it_is_stored() -> None:
+    from pixfind.ingest.facts import _clean, camera_name, camera_terms, header_of
+
+    image = draw_photo(1, (64, 48))
+    exif = Image.Exif()
+    exif[0x010F] = b"Can\xffon\x80\x1b[2J"  # Pillow reads EXIF text as Latin-1: C1 and ESC controls
+    exif[0x0110] = "Mod\udcffel " + "9" * 500
+    exif.get_ifd(0x8769)[0x9003] = "2024:02:30 10:00:00"  # no such day
+    data = io.BytesIO()
+    image.save(data, "JPEG", exif=exif)
+    with Image.open(io.BytesIO(data.getvalue())) as opened:
+        header = header_of(opened)
+    assert header.taken is None
+    name = camera_name(header.make, header.model)
+    assert name.isprintable() and len(name) <= 129 and "\udcff" not in name and "\x1b" not in name
+    name.encode("utf-8")  # storable
+    assert all(term.isalnum() and len(term) <= 24 for term in camera_terms(name))
+    # text that reaches the cleaning with a lone surrogate (an EXIF reader other than Pillow's)
+    assert camera_name(_clean("Mod\udcffel"), "") == "Mod?el"

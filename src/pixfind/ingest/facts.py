@@ -99,6 +99,7 @@ def _clean(value: object) -> str:
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str):
         return ""
+    value = value.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate cannot be stored
     printable = "".join(char if char.isprintable() else " " for char in value)
     return _SPACES.sub(" ", printable).strip()[:MAX_CAMERA_PART].strip()
 
