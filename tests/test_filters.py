@@ -551,3 +551,38 @@ def test_camera_text_is_cleaned_before_it_is_stored() -> None:
     assert all(term.isalnum() and len(term) <= 24 for term in camera_terms(name))
     # text that reaches the cleaning with a lone surrogate (an EXIF reader other than Pillow's)
     assert camera_name(_clean("Mod\udcffel"), "") == "Mod?el"
+
+
+def test_a_backfill_killed_inside_its_write_loses_nothing_and_the_next_run_ends_it(
+    small_encoder, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL (pixfind and its Milvus Lite engine) once Milvus acknowledged the first request of
+    the backfill's write: every row is still there with its vector, bit for bit; the next run
+    adds the fields to the rest, embedding nothing."""
+    import re
+    import signal
+
+    from test_crash import run_at
+
+    root = tmp_path / "photos"
+    write_photos(root)
+    lib = Library(root, str(tmp_path / "index.db"), None, "pixfind")
+    keys = [key_of(str(root / photo.name)) for photo in PHOTOS]
+    with lib.open(small_encoder) as idx:
+        idx.add(root)
+        strip_facts(idx.store, keys)
+        before = {k: np.asarray(v, dtype=np.float32).tobytes() for k, v in idx.store.vectors_of(keys).items()}
+    killed = run_at("upsert", 1, "killall", root, lib.uri, write_every=4, rows_per_call=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = re.search(r"killed inside Store\.write: (\d+) of (\d+) rows acknowledged", killed.stderr)
+    assert done is not None and int(done.group(2)) == len(PHOTOS), killed.stderr
+    acknowledged = int(done.group(1))
+    counting = CountingEncoder(small_encoder)
+    with lib.open(counting) as idx:
+        kept = {k: np.asarray(v, dtype=np.float32).tobytes() for k, v in idx.store.vectors_of(keys).items()}
+        assert kept == before  # nothing lost, nothing changed
+        assert idx.rows_with_facts() == acknowledged
+        report = idx.add(root)
+        assert (report.backfilled, report.embedded, counting.image_batches) == (len(PHOTOS) - acknowledged, 0, 0)
+        after = {k: np.asarray(v, dtype=np.float32).tobytes() for k, v in idx.store.vectors_of(keys).items()}
+        assert after == before and idx.rows_with_facts() == len(PHOTOS)
