@@ -149,8 +149,11 @@ class Filters:
 
 
 def parse_day(value: str | date | None, name: str) -> date | None:
-    if value is None or isinstance(value, datetime):
-        return value.date() if isinstance(value, datetime) else None
+    """A day given as ``YYYY-MM-DD`` (or a date, or a datetime: its day); None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.date()
     if isinstance(value, date):
         return value
     text = str(value).strip()
