@@ -42,7 +42,10 @@ def test_index_search_table_json_grid(indexed, tmp_path: Path, capsys: pytest.Ca
     assert code == 0, err
     hits = json.loads(out)
     assert [h["rank"] for h in hits] == list(range(1, 8))
-    assert set(hits[0]) == {"rank", "score", "path", "width", "height", "copies", "copy_paths"}
+    assert set(hits[0]) == {
+        *("rank", "score", "path", "width", "height", "copies", "copy_paths"),
+        *("taken", "taken_from", "camera", "type"),
+    }
     with Image.open(grid) as sheet:
         assert sheet.size == (5 * 150, 2 * 150)  # 5 per row, rows as needed
 

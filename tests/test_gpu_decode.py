@@ -9,6 +9,7 @@ the CPU path's report for files that cannot be decoded (what a run said before t
 
 from __future__ import annotations
 
+import calendar
 import io
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pixfind.config import ModelSpec
 from pixfind.errors import PixfindError
 from pixfind.ingest.gpu_decode import GpuDecoder, decoder_for, gpu_header, orient
 from pixfind.ingest.runner import Indexer
+from pixfind.pathkeys import key_of
 from pixfind.store import Store
 
 # -- files made for the tests ------------------------------------------------------------------
@@ -294,3 +296,36 @@ def test_large_jpegs_take_the_cpu_draft_path(device_encoder, tmp_path: Path) -> 
     _, indexer = run_index(folder, uri, device_encoder, "gpu", decode_device="cpu", gpu_max_pixels=1_000_000)
     check_index(uri, paths, model=SMALL_MODEL)
     assert (indexer.gpu_decoder.counts.on_device, indexer.gpu_decoder.counts.cpu_path) == (1, 1)
+
+
+def test_gpu_path_records_what_a_photo_is_as_the_cpu_path_does(device_encoder, tmp_path: Path) -> None:
+    """Date taken, camera, type and orientation (the filters' fields) come from the header the
+    GPU path reads: the EXIF the test wrote (the oracle), and the CPU path's record, field by field."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = draw_photo(3, (240, 320))
+    exif = photo.getexif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS 5D"
+    exif.get_ifd(0x8769)[0x9003] = "2021:07:04 18:30:00"
+    photo.save(folder / "dated.jpg", "JPEG", exif=exif)
+    draw_photo(4, (320, 240)).save(folder / "plain.png")
+    records = {}
+    for decode in ("gpu", "cpu"):
+        uri = str(tmp_path / f"{decode}.db")
+        _, indexer = run_index(folder, uri, device_encoder, decode, decode_device="cpu")
+        with Store(uri) as store:
+            keys = {key_of(str(folder / name)): name for name in ("dated.jpg", "plain.png")}
+            records[decode] = {keys[key]: row for key, row in store.records_of(list(keys)).items()}
+    assert indexer.gpu_decoder is None  # the cpu run
+    facts = ("taken", "taken_from", "camera", "camera_terms", "type", "orientation")
+    dated = records["gpu"]["dated.jpg"]
+    assert (dated["taken_from"], dated["camera"], dated["type"], dated["orientation"]) == (
+        "exif",
+        "Canon EOS 5D",
+        "jpeg",
+        "portrait",
+    )
+    assert dated["taken"] == calendar.timegm((2021, 7, 4, 18, 30, 0, 0, 0, 0))
+    assert set(records["cpu"]) == set(records["gpu"]) == {"dated.jpg", "plain.png"}
+    for key in records["cpu"]:
+        assert {f: records["gpu"][key].get(f) for f in facts} == {f: records["cpu"][key].get(f) for f in facts}

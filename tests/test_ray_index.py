@@ -133,7 +133,10 @@ def test_ray_run_stores_every_image_once_with_the_local_vectors(
     # A second run plans against the stored rows: nothing to embed, the bad files again.
     with ImageIndex(uri=milvus_server.uri, token=milvus_server.token, collection=collection) as idx:
         again = idx.add(photos, ray=True)
-    assert (again.new, again.unchanged, again.embedded) == (0, IMAGES, 0)
+        with_facts = idx.rows_with_facts()
+    # the rows Ray wrote carry the filters' fields: nothing to backfill
+    assert (again.new, again.unchanged, again.embedded, again.backfilled) == (0, IMAGES, 0, 0)
+    assert with_facts == IMAGES
     assert sorted(again.failed) == sorted(local.failed)  # type: ignore[attr-defined]
 
 

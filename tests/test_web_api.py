@@ -29,7 +29,10 @@ from pixfind.web.app import create_app
 from pixfind.web.paths import clean_path, path_query
 from pixfind.web.service import Limits
 
-HIT_KEYS = {"rank", "score", "path", "width", "height", "size", "thumb", "image", "similar", "copies", "copy_paths"}
+HIT_KEYS = {
+    *("rank", "score", "path", "width", "height", "size", "thumb", "image", "similar", "copies", "copy_paths"),
+    *("taken", "taken_from", "camera", "type"),
+}
 
 
 @pytest.fixture(scope="module")

@@ -387,3 +387,54 @@ def test_pages_of_other_sites_cannot_probe_or_post(browser, server: LiveServer, 
         assert statuses == {"/api/thumb": [403, 403], "/api/search/image": [403]}, statuses
     finally:
         context.close()
+
+
+def test_photo_filters_narrow_the_results_and_stay_in_the_address(page, gallery: Path) -> None:
+    """The gallery's files carry no EXIF: their date is their mtime (today), their camera none;
+    the oracle is what make_gallery drew: 6 portrait flower JPEGs, 12 landscape JPEGs, 1 square PNG."""
+    from datetime import date, timedelta
+
+    today = date.today()
+    page.fill("#q", "a garden")
+    page.select_option("#type", "png")
+    page.press("#q", "Enter")
+    assert wait_for_results(page, 1) == 1
+    assert [Path(p).name for p in card_paths(page)] == ["sunset_card.png"]
+    assert "type=png" in page.url and "type png" in page.inner_text("#status")
+
+    page.select_option("#type", "")
+    page.select_option("#orientation", "portrait")
+    assert wait_for_results(page, 6) == 6
+    assert all(Path(p).name.startswith("flowers_") for p in card_paths(page))
+
+    page.fill("#camera", "canon")
+    page.dispatch_event("#camera", "change")
+    page.wait_for_function("() => document.querySelector('#results .none') !== null")
+    page.fill("#camera", "")
+    page.dispatch_event("#camera", "change")
+    assert wait_for_results(page, 6) == 6
+
+    page.fill("#before", (today - timedelta(days=1)).isoformat())
+    page.dispatch_event("#before", "change")
+    page.wait_for_function("() => document.querySelector('#results .none') !== null")
+    page.fill("#before", today.isoformat())
+    page.dispatch_event("#before", "change")
+    page.fill("#after", today.isoformat())
+    page.dispatch_event("#after", "change")
+    assert wait_for_results(page, 6) == 6
+    assert f"after={today.isoformat()}" in page.url and "orientation=portrait" in page.url
+
+    page.locator("#results a.card").first.click()
+    assert page.inner_text("#viewer-taken").startswith(today.isoformat())
+    assert "(file date)" in page.inner_text("#viewer-taken")
+    assert page.inner_text("#viewer-camera") == "unknown"
+    page.keyboard.press("Escape")
+
+    # a shared link brings the filters back
+    page.goto(page.url)
+    assert wait_for_results(page, 6) == 6
+    assert page.input_value("#orientation") == "portrait" and page.input_value("#after") == today.isoformat()
+    shoot(page, "web-filters.png")
+
+    bad = page.request.get(f"{page.url.split('?')[0]}api/search?q=x&after=2024-13-01")
+    assert bad.status == 400 and "YYYY-MM-DD" in bad.json()["detail"]

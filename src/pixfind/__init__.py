@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from .version import __version__
 
-__all__ = ["Hit", "ImageIndex", "IndexReport", "PixfindError", "__version__"]
+__all__ = ["Filters", "Hit", "ImageIndex", "IndexReport", "PixfindError", "__version__"]
 
 if TYPE_CHECKING:
     from .api import ImageIndex
     from .errors import PixfindError
+    from .filters import Filters
     from .ingest.report import IndexReport
     from .search import Hit
 
@@ -23,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from .api import ImageIndex
 
         return ImageIndex
+    if name == "Filters":
+        from .filters import Filters
+
+        return Filters
     if name == "Hit":
         from .search import Hit
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .duplicates import DuplicateGroup
+    from .filters import Filters
     from .ingest.ray_runner import RayOptions
     from .ingest.report import IndexReport, Progress
     from .models.base import Encoder
@@ -246,6 +247,7 @@ class ImageIndex:
         *,
         min_score: float | None = None,
         all_copies: bool = False,
+        filters: Filters | None = None,
         combine: bool = True,
         subtract: Sequence[str | Term] = (),
     ) -> list[Hit]:
@@ -255,11 +257,13 @@ class ImageIndex:
         spaces around; a term starting with ``/ ./ ../ ~/`` is an image file); ``combine=False``
         takes it as written. ``subtract``: more terms to take away. ``min_score``: only hits at or
         above this cosine. Exact copies of a file are one hit (``copies`` says how many) unless
-        ``all_copies``."""
+        ``all_copies``. ``filters``: only photos taken in a date range, by a camera, of a type or
+        shape (:class:`~pixfind.filters.Filters`, e.g. ``Filters.of(after="2024-05-01",
+        camera="pixel")``), applied by Milvus inside the search."""
         from .query import parse_query, subtracted
 
         terms = parse_query(text, combine) + subtracted(subtract)
-        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies)
+        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies, filters=filters)
 
     def search_image(
         self,
@@ -269,13 +273,14 @@ class ImageIndex:
         *,
         min_score: float | None = None,
         all_copies: bool = False,
+        filters: Filters | None = None,
         subtract: Sequence[str | Term] = (),
     ) -> list[Hit]:
         """Images that look like ``image`` (a file or a PIL image), best first; options as :meth:`search`."""
         from .query import Term, subtracted
 
         terms = [Term(image=image), *subtracted(subtract)]
-        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies)
+        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies, filters=filters)
 
     def similar(
         self,
@@ -285,6 +290,7 @@ class ImageIndex:
         *,
         min_score: float | None = None,
         all_copies: bool = False,
+        filters: Filters | None = None,
         subtract: Sequence[str | Term] = (),
     ) -> list[Hit]:
         """Images that look like an indexed file, using its stored vector; the file itself is
@@ -292,7 +298,7 @@ class ImageIndex:
         from .query import Term, subtracted
 
         terms = [Term(indexed=path), *subtracted(subtract)]
-        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies)
+        return self.search_terms(terms, limit, under, min_score=min_score, all_copies=all_copies, filters=filters)
 
     def search_terms(
         self,
@@ -302,6 +308,7 @@ class ImageIndex:
         *,
         min_score: float | None = None,
         all_copies: bool = False,
+        filters: Filters | None = None,
     ) -> list[Hit]:
         """Images that match a combination of :class:`~pixfind.query.Term` (texts, images,
         indexed files, each added or taken away), best first; options as :meth:`search`."""
@@ -324,6 +331,7 @@ class ImageIndex:
             min_score=min_score,
             all_copies=all_copies,
             exclude=indexed_paths(terms),
+            filters=filters,
         )
 
     def duplicates(
@@ -386,6 +394,7 @@ class ImageIndex:
         }
         if info is not None:
             data.update(model=info.model.name, weights=info.model.weights, dim=info.dim, schema=info.schema)
+            data["images_with_facts"] = self.rows_with_facts() if data["images"] else 0
         if not self.store.is_server:
             data["size_bytes"] = _disk_size(self.store.uri)
         data["cpu_precision"] = self._cpu_precision(info.model if info is not None else None)
@@ -397,6 +406,16 @@ class ImageIndex:
 
         precision, reason = planned_image_precision(spec or self.settings.model or ModelSpec(), self.settings)
         return {"precision": precision, "reason": reason}
+
+    def rows_with_facts(self) -> int:
+        """How many rows carry the date, camera and type the filters use (rows indexed before
+        pixfind recorded them get them on the next ``pixfind index``); 0 in a schema-1 collection."""
+        from .filters import LOWEST
+
+        info = self.store.info()
+        if info is None or info.schema < 2:
+            return 0
+        return self.store.count(f'meta["taken"] >= {LOWEST}')
 
     def drop(self) -> None:
         self.store.drop()

@@ -8,8 +8,10 @@ export that fails or is interrupted never leaves half a file, and never replaces
 Columns: ``path`` (UTF-8; bytes of a name that are not UTF-8 become U+FFFD), ``path_bytes``
 (the exact name, as bytes), ``vector`` (fixed-size list of float32, unit length, as stored),
 ``size``, ``mtime_ns``, ``width``, ``height``, ``fingerprint``, ``content`` (``blake3:<hex>``
-of the whole file, null where not recorded). The file's metadata names the model, its weights
-and the vector dimension.
+of the whole file, null where not recorded), ``taken`` (when the photo was taken: a timestamp
+without a zone, the camera's wall clock; see :mod:`pixfind.ingest.facts`), ``taken_from``
+(``exif`` or ``mtime``), ``camera``, ``type``, ``orientation`` (null in rows indexed before they
+were recorded). The file's metadata names the model, its weights and the vector dimension.
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ def _pyarrow_parquet() -> Any:
     return pq
 
 
+#: The record's text fields exported as columns of their own, in order, after ``taken``.
+TEXT_FACTS = ("taken_from", "camera", "type", "orientation")
+
+
 def _schema(dim: int, about: dict[str, Any]) -> pa.Schema:
     import pyarrow as pa
 
@@ -122,6 +128,8 @@ def _schema(dim: int, about: dict[str, Any]) -> pa.Schema:
             pa.field("height", pa.int32(), nullable=False),
             pa.field("fingerprint", pa.string(), nullable=False),
             pa.field("content", pa.string()),
+            pa.field("taken", pa.timestamp("s")),
+            *(pa.field(name, pa.string()) for name in TEXT_FACTS),
         ],
         metadata={"pixfind": json.dumps(about)},
     )
@@ -144,8 +152,16 @@ def _table(batch: list[StoredRecord], schema: pa.Schema) -> pa.Table:
         pa.array([r.height for r in batch], pa.int32()),
         pa.array([r.fingerprint for r in batch], pa.string()),
         pa.array([r.content for r in batch], pa.string()),
+        pa.array([_fact(r, "taken", int) for r in batch], pa.timestamp("s")),
+        *(pa.array([_fact(r, name, str) for r in batch], pa.string()) for name in TEXT_FACTS),
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _fact(record: StoredRecord, name: str, kind: type) -> Any:
+    """One of the record's filter fields, when recorded with the expected type; else null."""
+    value = (record.facts or {}).get(name)
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
 
 def _umask() -> int:

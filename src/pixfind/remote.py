@@ -31,6 +31,7 @@ from .errors import PixfindError
 from .limits import MAX_UPLOAD_PIXELS, QUERY_IMAGE_SIDE
 
 if TYPE_CHECKING:
+    from .filters import Filters
     from .query import Term
     from .search import Hit  # imported when used: numpy and Pillow must not delay a cold search
 
@@ -125,9 +126,10 @@ def search(
     combine: bool = True,
     min_score: float | None = None,
     all_copies: bool = False,
+    filters: Filters | None = None,
 ) -> list[Hit]:
     """Ask the server; errors come back as :class:`~pixfind.errors.PixfindError` lines."""
-    params: list[tuple[str, str]] = [("k", str(limit)), *_options(min_score, all_copies)]
+    params: list[tuple[str, str]] = [("k", str(limit)), *_options(min_score, all_copies, filters)]
     if text is not None:
         endpoint = "api/search"
         params.append(("q", text))
@@ -150,11 +152,12 @@ def search_image(
     under: str | None = None,
     min_score: float | None = None,
     all_copies: bool = False,
+    filters: Filters | None = None,
 ) -> list[Hit]:
     """Images like the file ``image``: decoded here, sent reduced (see the module's docstring)."""
     boundary = _boundary()
     body = _file_part(boundary, image) + f"--{boundary}--\r\n".encode()
-    query = urlencode([("k", str(limit)), *_options(min_score, all_copies)]) + _under(under)
+    query = urlencode([("k", str(limit)), *_options(min_score, all_copies, filters)]) + _under(under)
     items = _request(
         server,
         f"api/search/image?{query}",
@@ -172,6 +175,7 @@ def search_terms(
     under: str | None = None,
     min_score: float | None = None,
     all_copies: bool = False,
+    filters: Filters | None = None,
 ) -> list[Hit]:
     """A combined query with image terms: each image file decoded here and sent reduced, as
     :func:`search_image` does, with the terms in order (``POST /api/search/terms``)."""
@@ -197,15 +201,16 @@ def search_terms(
         + b"\r\n"
     )
     body = head + files + f"--{boundary}--\r\n".encode()
-    query = urlencode([("k", str(limit)), *_options(min_score, all_copies)]) + _under(under)
+    query = urlencode([("k", str(limit)), *_options(min_score, all_copies, filters)]) + _under(under)
     items = _request(
         server, f"api/search/terms?{query}", body=body, content_type=f"multipart/form-data; boundary={boundary}"
     )
     return [_hit(item) for item in items]
 
 
-def _options(min_score: float | None, all_copies: bool) -> list[tuple[str, str]]:
+def _options(min_score: float | None, all_copies: bool, filters: Filters | None = None) -> list[tuple[str, str]]:
     params = [("min_score", repr(min_score))] if min_score is not None else []
+    params += filters.params() if filters else []
     return params + ([("all", "true")] if all_copies else [])
 
 
@@ -290,4 +295,12 @@ def _hit(item: dict[str, object]) -> Hit:
         size=int(item.get("size", 0)),  # type: ignore[arg-type]
         copies=int(item.get("copies", 1)),  # type: ignore[arg-type]
         copy_paths=tuple(str(path) for path in item.get("copy_paths", ()) or ()),  # type: ignore[attr-defined]
+        taken=_text_or_none(item.get("taken")),
+        taken_from=_text_or_none(item.get("taken_from")),
+        camera=_text_or_none(item.get("camera")),
+        type=_text_or_none(item.get("type")),
     )
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None

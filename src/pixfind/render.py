@@ -165,8 +165,9 @@ def format_duration(seconds: float) -> str:
 
 
 def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
+    filled = f" ({report.backfilled:,} given dates and cameras)" if report.backfilled else ""
     head = (
-        f"{report.new:,} new, {report.updated:,} updated, {report.unchanged:,} unchanged, "
+        f"{report.new:,} new, {report.updated:,} updated, {report.unchanged:,} unchanged{filled}, "
         f"{report.moved:,} moved, {report.copied:,} copied, {report.removed:,} removed, "
         f"{len(report.failed):,} failed, {len(report.unreadable):,} unreadable "
         f"in {format_duration(report.elapsed_s)}"

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from .filters import Filters, expression_for
 from .limits import check_limit, check_min_score
 from .pathkeys import key_of, path_of
 from .search import Hit, candidate_paths, resolve_under
@@ -53,16 +54,20 @@ def find(
     min_score: float | None = None,
     all_copies: bool = False,
     exclude: Sequence[str] = (),
+    filters: Filters | None = None,
 ) -> list[Hit]:
-    """The best ``limit`` hits for ``vector``: at or above ``min_score``, without the files named
-    in ``exclude`` (any way they are named), one hit per content unless ``all_copies``."""
+    """The best ``limit`` hits for ``vector``: at or above ``min_score``, matching ``filters``
+    (applied by Milvus inside the search), without the files named in ``exclude`` (any way they
+    are named), one hit per content unless ``all_copies``."""
     limit, min_score = check_limit(limit), check_min_score(min_score)
     folder = resolve_under(under)
+    info = store.info()
+    where = expression_for(filters, info.schema if info is not None else 2, store.collection)
     excluded = {key_of(form) for path in exclude for form in candidate_paths(path)}
     wanted = limit + len(excluded) if all_copies else max(2 * limit, limit + FIRST_MARGIN)
     while True:
         asked = min(MAX_CANDIDATES, wanted)
-        found = store.search([vector], limit=asked, folder=folder)[0]
+        found = store.search([vector], limit=asked, folder=folder, where=where)[0]
         more_exist = len(found) == asked
         candidates = _kept(found, excluded, min_score)
         if len(candidates) < len(found) - _excluded_count(found, excluded):
@@ -84,7 +89,7 @@ def _kept(found: Sequence[SearchHit], excluded: set[str], min_score: float | Non
         if min_score is not None and hit.score < min_score:
             break
         if key_of(hit.path) not in excluded:
-            hits.append(Hit(rank=0, score=hit.score, path=hit.path, width=hit.width, height=hit.height, size=hit.size))
+            hits.append(Hit.of(hit))
     return hits
 
 

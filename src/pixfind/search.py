@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import PixfindError
 from .ingest.decode import ImageLoadError, load_image
 from .pathkeys import key_of
-from .store import Store
+from .store import SearchHit, Store
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -34,6 +34,34 @@ class Hit:
     """How many indexed files with exactly this content the hit stands for (itself included)."""
     copy_paths: tuple[str, ...] = ()
     """The other files of those copies, when results collapse copies (the default)."""
+    taken: str | None = None
+    """When the photo was taken (ISO, wall clock), from ``taken_from``: "exif" or "mtime"; None
+    in rows indexed before pixfind recorded it (the next ``pixfind index`` adds it)."""
+    taken_from: str | None = None
+    camera: str | None = None
+    """EXIF make and model (text from the file: print it through ``render.printable``)."""
+    type: str | None = None
+    """jpeg, png, webp, gif, bmp or tiff."""
+
+    @classmethod
+    def of(cls, found: SearchHit, rank: int = 0) -> Hit:
+        """A hit from what the store returned."""
+        from .filters import taken_text
+
+        facts: dict[str, Any] = found.facts or {}
+        camera, kind, source = facts.get("camera"), facts.get("type"), facts.get("taken_from")
+        return cls(
+            rank=rank,
+            score=found.score,
+            path=found.path,
+            width=found.width,
+            height=found.height,
+            size=found.size,
+            taken=taken_text(facts.get("taken")),
+            taken_from=source if isinstance(source, str) else None,
+            camera=camera if isinstance(camera, str) else None,
+            type=kind if isinstance(kind, str) else None,
+        )
 
     def to_dict(self) -> dict[str, object]:
         """The shape of ``pixfind search --json`` and of the web API."""

@@ -19,6 +19,8 @@ from .store import Store
 
 #: Rows read per batch: one page of keys, then a few Milvus queries of at most 500 keys each.
 READ_BATCH = 2000
+#: The record's filter fields a dataset gets (``camera_terms`` only serves ``--camera``).
+EXPORTED_FACTS = ("taken", "taken_from", "camera", "type", "orientation")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class StoredRecord:
     height: int
     fingerprint: str
     content: str | None
+    facts: dict[str, object] | None = None  # taken, taken_from, camera, type, orientation (when recorded)
 
 
 def records_of(store: Store, keys: Sequence[str]) -> dict[str, StoredRecord]:
@@ -77,4 +80,5 @@ def _record(row: dict[str, object]) -> StoredRecord:
         height=int(row["height"]),  # type: ignore[call-overload]
         fingerprint=str(row["fingerprint"]),
         content=str(content) if content else None,
+        facts={name: row[name] for name in EXPORTED_FACTS if name in row} or None,
     )

@@ -63,9 +63,64 @@ def search(
     no_combine: Annotated[
         bool, typer.Option("--no-combine", help='Search for the text as written, " - " and " + " included.')
     ] = False,
+    after: Annotated[
+        str | None,
+        typer.Option(
+            "--after",
+            metavar="YYYY-MM-DD",
+            help="Only photos taken on this day or later (EXIF date taken, else the file's mtime).",
+            rich_help_panel="Filters",
+        ),
+    ] = None,
+    before: Annotated[
+        str | None,
+        typer.Option(
+            "--before",
+            metavar="YYYY-MM-DD",
+            help="Only photos taken on this day or earlier (the day itself included).",
+            rich_help_panel="Filters",
+        ),
+    ] = None,
+    camera: Annotated[
+        str | None,
+        typer.Option(
+            "--camera",
+            help="Only photos from a camera whose make and model have words starting with these (any case): "
+            '"canon", "eos 5d", "iphone 12".',
+            rich_help_panel="Filters",
+        ),
+    ] = None,
+    file_type: Annotated[
+        str | None,
+        typer.Option(
+            "--type",
+            help="Only these file types, comma-separated: jpeg, png, webp, gif, bmp, tiff.",
+            rich_help_panel="Filters",
+        ),
+    ] = None,
+    orientation: Annotated[
+        str | None,
+        typer.Option("--orientation", help="Only landscape, portrait or square images.", rich_help_panel="Filters"),
+    ] = None,
+    min_width: Annotated[
+        int | None,
+        typer.Option(
+            "--min-width", help="Only images at least this wide (pixels, as displayed).", rich_help_panel="Filters"
+        ),
+    ] = None,
+    min_height: Annotated[
+        int | None,
+        typer.Option(
+            "--min-height", help="Only images at least this tall (pixels, as displayed).", rich_help_panel="Filters"
+        ),
+    ] = None,
     as_json: Annotated[
         bool,
-        typer.Option("--json", help="Print a JSON list of {rank, score, path, width, height, copies, copy_paths}."),
+        typer.Option(
+            "--json",
+            help="Print a JSON list of {rank, score, path, width, height, copies, copy_paths, taken, taken_from, "
+            "camera, type}.",
+        ),
     ] = False,
     grid: Annotated[
         Path | None, typer.Option("--grid", help="Write a contact sheet of the hits (150 px tiles, 5 per row).")
@@ -79,19 +134,35 @@ def search(
 ) -> None:
     """Find indexed images by a description, an example image, or an indexed file (never returned
     itself). Exact copies of a file are shown as one hit with their count (--all shows each)."""
+    from ..filters import Filters
     from ..limits import check_min_score
 
+    filters = Filters.of(
+        after=after,
+        before=before,
+        camera=camera,
+        types=file_type,
+        orientation=orientation,
+        min_width=min_width,
+        min_height=min_height,
+    )
     text = " ".join(query) if query else None
     given = [q for q in (text, image, similar) if q]
     if len(given) != 1:
         raise PixfindError(
             'give exactly one of: a text query, --image FILE or --similar PATH (e.g. pixfind search "a white dog")'
         )
-    options = {"min_score": check_min_score(min_score), "all_copies": all_copies}
+    options: dict[str, Any] = {"min_score": check_min_score(min_score), "all_copies": all_copies}
+    if filters:
+        options["filters"] = filters
     server = _running_server(uri, collection)
     if server is not None:
         hits = _search_via_server(server, text, image, similar, limit, under, combine=not no_combine, **options)
-        _show_hits(hits, as_json, grid, under, min_score)
+        _show_hits(hits, as_json, grid, under, min_score, filters)
+        if filters.needs_facts() and len(hits) < limit:
+            from ..remote import info as remote_info
+
+            _note_rows_without_facts(remote_info(server))
         if hits and server.random_weights:
             say(RANDOM_WEIGHTS_NOTE)
         return
@@ -103,17 +174,27 @@ def search(
         else:
             hits = idx.similar(str(similar), limit=limit, under=under, **options)
         # before closing: stopping Milvus Lite and exiting take 0.05-0.1 s
-        _show_hits(hits, as_json, grid, under, min_score)
+        _show_hits(hits, as_json, grid, under, min_score, filters)
+        if filters.needs_facts() and len(hits) < limit:
+            _note_rows_without_facts({"images": idx.store.count(), "images_with_facts": idx.rows_with_facts()})
         if hits:
             note_random_weights(idx.model_spec())
 
 
 def _show_hits(
-    hits: list[Any], as_json: bool, grid: Path | None, under: str | None = None, min_score: float | None = None
+    hits: list[Any],
+    as_json: bool,
+    grid: Path | None,
+    under: str | None = None,
+    min_score: float | None = None,
+    filters: Any = None,
 ) -> None:
     if not hits:
         _print_hits(hits, as_json)
-        say(_why_no_matches(under, min_score))  # then an empty --grid is an error
+        why = _why_no_matches(under, min_score)
+        if filters and why == "no matches":
+            why = f"no matches for {filters.describe()} (fewer filters show more)"
+        say(why)  # then an empty --grid is an error
     if grid:
         from ..render import write_grid
 
@@ -121,6 +202,16 @@ def _show_hits(
         say(f"wrote {written} ({len(hits)} tiles)")
     if hits:
         _print_hits(hits, as_json)
+
+
+def _note_rows_without_facts(data: dict[str, Any]) -> None:
+    """Say on stderr when filters left out images indexed before dates and cameras were recorded."""
+    missing = int(data.get("images", 0)) - int(data.get("images_with_facts", data.get("images", 0)))
+    if missing > 0:
+        say(
+            f"note: {missing:,} indexed image{'s' * (missing != 1)} have no date, camera or type yet and "
+            "are left out by these filters: run pixfind index on their folders again (no re-embedding)"
+        )
 
 
 def _why_no_matches(under: str | None, min_score: float | None = None) -> str:
@@ -222,6 +313,10 @@ def info(
             ("dimension", str(data["dim"])),
             ("images", f"{data['images']:,}"),
         ]
+        if "images_with_facts" in data:
+            missing = data["images"] - data["images_with_facts"]
+            hint = f" ({missing:,} without: pixfind index adds them)" if missing else ""
+            rows.append(("filter fields", f"{data['images_with_facts']:,} images{hint}"))
     else:
         rows.append(("images", "0 (not created yet: run pixfind index FOLDER)"))
     if "size_bytes" in data:

@@ -17,6 +17,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .facts import Header, header_of
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 #: Images with more pixels than this are refused before decoding (decompression-bomb guard).
@@ -45,6 +47,7 @@ class LoadedImage:
     image: Image.Image  # RGB, orientation applied, possibly reduced in size
     width: int  # size of the original, as displayed (after EXIF rotation)
     height: int
+    header: Header | None = None  # its EXIF date and camera, and format (load_image only)
 
 
 def has_image_extension(name: str) -> bool:
@@ -80,13 +83,14 @@ def _decode(img: Image.Image, min_side: int | None) -> LoadedImage:
     if min_side and img.format == "JPEG":
         img.draft(img.mode, (min_side, min_side))
     img.load()
+    header = header_of(img, loaded=True)  # from the bytes already in memory: the file is not read again
     if _rotated(img):
         width, height = height, width
     oriented = ImageOps.exif_transpose(img)
     rgb = to_rgb(oriented)
     if min_side:
         rgb = _reduce(rgb, min_side)
-    return LoadedImage(rgb, width, height)
+    return LoadedImage(rgb, width, height, header)
 
 
 def load_reduced(

@@ -35,6 +35,7 @@ from ..config import decode_mode_from
 from ..errors import PixfindError
 from ..models.pixels import resize_crop
 from .decode import MAX_PIXELS, ImageLoadError, load_image
+from .facts import Header, header_of
 from .pipeline import Compressed, Decoded, Failed
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class JpegHeader:
     width: int  # as stored, before orientation
     height: int
     orientation: int  # EXIF 1-8 (1: as stored)
+    exif: Header  # date taken, camera and format, for the row's facts (:mod:`.facts`)
 
     @property
     def displayed(self) -> tuple[int, int]:
@@ -90,11 +92,12 @@ def gpu_header(data: bytes, max_pixels: int = GPU_MAX_PIXELS) -> JpegHeader | No
                 return None  # colour stored as RGB, not YCbCr (greyscale has no transform to mark)
             width, height = img.size
             orientation = int(img.getexif().get(_ORIENTATION, 1))
+            exif = header_of(img)
     except Exception:
         return None  # the CPU path decodes it, or reports why it cannot
     if width * height > min(max_pixels, MAX_PIXELS):
         return None
-    return JpegHeader(width, height, orientation)
+    return JpegHeader(width, height, orientation, exif)
 
 
 def ends_complete(data: bytes) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from ..models.base import Encoder
 from ..store import Row, Store
 from .content import NotRegularFileError, read_file
 from .decode import ImageLoadError, describe_failure, load_image
+from .facts import Header, facts_of
 from .plan import WorkItem
 
 Turn = Callable[[], AbstractContextManager[object]]
@@ -41,6 +42,7 @@ class Decoded:
     mtime_ns: int
     fingerprint: str
     content: str
+    facts: dict[str, Any] = field(default_factory=dict)  # date taken, camera, type (ingest.facts)
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Compressed:
     mtime_ns: int
     fingerprint: str
     content: str
+    facts: dict[str, Any] = field(default_factory=dict)  # date taken, camera, type (ingest.facts)
 
     @property
     def width(self) -> int:
@@ -93,7 +96,8 @@ def decode_item(
             print_, content = raw.digests()
             header = gpu_route(raw.data) if gpu_route is not None and raw.data is not None else None
             if header is not None and raw.data is not None:
-                return Compressed(item, raw.data, header, raw.size, raw.mtime_ns, print_, content)
+                facts = facts_of(header.exif, *header.displayed, raw.mtime_ns)
+                return Compressed(item, raw.data, header, raw.size, raw.mtime_ns, print_, content, facts)
             loaded = load_image(path, min_side=min_side, data=raw.data)
             pixels = preprocess(loaded.image)
     except ImageLoadError as exc:
@@ -104,7 +108,9 @@ def decode_item(
         return Failed(path, describe_failure(exc, path))
     except Exception as exc:
         return Failed(path, f"cannot process: {exc}")
-    return Decoded(item, pixels, loaded.width, loaded.height, raw.size, raw.mtime_ns, print_, content)
+    header = loaded.header or Header(None, None, "", "")
+    facts = facts_of(header, loaded.width, loaded.height, raw.mtime_ns)
+    return Decoded(item, pixels, loaded.width, loaded.height, raw.size, raw.mtime_ns, print_, content, facts)
 
 
 def embed_batch(encoder: Encoder, batch: Sequence[Decoded], turn: Turn = contextlib.nullcontext) -> list[Row]:
@@ -118,7 +124,7 @@ def embed_batch(encoder: Encoder, batch: Sequence[Decoded], turn: Turn = context
 def rows_of(batch: Sequence[Decoded | Compressed], vectors: Sequence[np.ndarray]) -> list[Row]:
     """One row per file of ``batch``, with its vector."""
     return [
-        Row(d.item.key, vector, d.size, d.mtime_ns, d.width, d.height, d.fingerprint, d.content)
+        Row(d.item.key, vector, d.size, d.mtime_ns, d.width, d.height, d.fingerprint, d.content, d.facts)
         for d, vector in zip(batch, vectors, strict=True)
     ]
 

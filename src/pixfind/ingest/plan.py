@@ -1,6 +1,8 @@
 """What an index run has to do, decided from the scan and the store before any pixel is decoded.
 
-* a scanned file whose size and mtime match its row is *unchanged* and costs nothing more;
+* a scanned file whose size and mtime match its row is *unchanged* and costs nothing more,
+  unless its row predates the date/camera fields: then it is *backfilled* (:mod:`.backfill`:
+  its header read, its stored vector written again with the richer record, no decode, no embed);
 * a *new* file whose whole content is stored under another path (renamed, moved or copied: a
   cheap fingerprint finds candidates, a hash of the whole file confirms) takes that row's vector
   instead of being embedded;
@@ -27,6 +29,7 @@ from ..errors import PixfindError
 from ..pathkeys import MAX_KEY_BYTES, key_fits, key_of, path_of
 from ..store import CONTENT, Row, Store
 from .content import content_hash, fingerprint
+from .facts import read_facts
 from .report import IndexReport
 from .scan import FileEntry, Presence, PresenceCheck, ScanProblem, scan
 
@@ -49,6 +52,7 @@ class ChunkPlan:
     embed: list[WorkItem] = field(default_factory=list)
     reused: list[Row] = field(default_factory=list)  # new paths that take a stored vector
     moved_from: list[str] = field(default_factory=list)  # keys to delete once ``reused`` is written
+    backfill: list[WorkItem] = field(default_factory=list)  # unchanged files whose rows lack the facts
 
 
 def resolve_root(root: str) -> str:
@@ -104,6 +108,8 @@ def plan_chunk(
             fresh.append(WorkItem(entry, key, is_update=False))
         elif row.size == entry.size and row.mtime_ns == entry.mtime_ns:
             report.unchanged += 1
+            if not row.has_facts:
+                result.backfill.append(WorkItem(entry, key, is_update=False))
         else:
             result.embed.append(WorkItem(entry, key, is_update=True))
     if compare and fresh:
@@ -148,6 +154,7 @@ def _reuse_stored(
                 match["height"],
                 match["fingerprint"],
                 content,
+                _facts(entry, match),
             )
         )
         if source is not None:
@@ -156,6 +163,15 @@ def _reuse_stored(
         else:
             report.copied += 1
     return remaining
+
+
+def _facts(entry: FileEntry, match: dict[str, object]) -> dict[str, object] | None:
+    """The facts of a moved or copied file: its own (its header, its mtime: a copy's date
+    may differ from the original's), or none when its header cannot be read now."""
+    try:
+        return read_facts(entry.path, int(match["width"]), int(match["height"]), entry.mtime_ns)  # type: ignore[call-overload]
+    except Exception:
+        return None
 
 
 def _candidates(store: Store, fresh: list[WorkItem]) -> dict[str, list[dict[str, object]]]:

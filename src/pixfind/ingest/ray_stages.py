@@ -8,6 +8,7 @@ counter the driver polls for progress. Each calls the local run's own stages
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -44,17 +45,27 @@ def decode_rows(batch: dict[str, np.ndarray], image_size: int, min_side: int | N
     count = len(batch["key"])
     pixels = np.zeros((count, 3, image_size, image_size), dtype=np.uint8)
     record: dict[str, list[Any]] = {
-        name: [] for name in ("width", "height", "size", "mtime_ns", "fingerprint", "content", "error")
+        name: [] for name in ("width", "height", "size", "mtime_ns", "fingerprint", "content", "facts", "error")
     }
     for i in range(count):
         entry = FileEntry(str(batch["path"][i]), int(batch["size"][i]), int(batch["mtime_ns"][i]))
         item = WorkItem(entry, str(batch["key"][i]), bool(batch["is_update"][i]))
         result = decode_item(item, crop, min_side)
         if isinstance(result, Failed):
-            values = (0, 0, 0, 0, "", "", result.reason or "cannot process")
+            values = (0, 0, 0, 0, "", "", "{}", result.reason or "cannot process")
         else:
             pixels[i] = result.pixels
-            values = (result.width, result.height, result.size, result.mtime_ns, result.fingerprint, result.content, "")
+            facts = json.dumps(result.facts)  # a string column: Arrow needs no schema for the record's entries
+            values = (
+                result.width,
+                result.height,
+                result.size,
+                result.mtime_ns,
+                result.fingerprint,
+                result.content,
+                facts,
+                "",
+            )
         for name, value in zip(record, values, strict=True):
             record[name].append(value)
     out = {name: batch[name] for name in ("path", "key", "is_update")}
@@ -137,6 +148,7 @@ def outcome_of(batch: dict[str, np.ndarray]) -> BatchOutcome:
                 int(batch["height"][i]),
                 str(batch["fingerprint"][i]),
                 str(batch["content"][i]),
+                json.loads(str(batch["facts"][i])) if "facts" in batch else None,
             )
         )
     return BatchOutcome(rows, updates, failed)

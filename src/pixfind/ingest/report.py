@@ -46,6 +46,7 @@ class IndexReport:
     new: int = 0
     updated: int = 0
     unchanged: int = 0
+    backfilled: int = 0  # of the unchanged, rows given the date/camera fields (no re-embedding)
     moved: int = 0  # new paths that took the vector of an identical file now gone (its row went)
     copied: int = 0  # new paths that took the vector of an identical file still stored
     removed: int = 0
@@ -76,6 +77,7 @@ class IndexReport:
             "new": self.new,
             "updated": self.updated,
             "unchanged": self.unchanged,
+            "backfilled": self.backfilled,
             "moved": self.moved,
             "copied": self.copied,
             "removed": self.removed,

@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..config import cpu_cores
 from ..models.base import Encoder
 from ..store import Row, Store
+from .backfill import backfilled_rows
 from .gpu_decode import GPU_MAX_PIXELS, GpuDecoder, decoder_for, embed_on_device
 from .pipeline import Compressed, Decoded, Failed, decode_item, embed_batch, write_rows
 from .plan import WorkItem, has_rows, known_gone, not_stored_meanwhile, plan, resolve_root
@@ -164,6 +165,9 @@ class Indexer:
             if chunk.reused:
                 write_rows(self.store, chunk.reused)
                 self.store.delete(chunk.moved_from)
+            if chunk.backfill:
+                rows = backfilled_rows(self.store, chunk.backfill, self.workers or cpu_cores())
+                report.backfilled += write_rows(self.store, rows)
             todo.extend(chunk.embed)
         return todo, compare
 

@@ -162,10 +162,13 @@ class Store:
         self._policy.ready(self)
         return self._policy.read_options()
 
-    def count(self) -> int:
+    def count(self, where: str = "") -> int:
+        """Rows in the collection (matching the filter expression ``where``, when given)."""
         if not self.exists():
             return 0
-        result = self._call(self.client.query, self.collection, filter="", output_fields=["count(*)"], **self._reads())
+        result = self._call(
+            self.client.query, self.collection, filter=where, output_fields=["count(*)"], **self._reads()
+        )
         return int(result[0]["count(*)"]) if result else 0
 
     def sync(self) -> None:
@@ -209,6 +212,14 @@ class Store:
             return {}
         rows = self._query_keys(keys, ["path", *record_fields(self._schema())])
         return {row["path"]: stored_file(row) for row in rows}
+
+    def records_of(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The whole stored row (vector and record, the record's entries at the top level) of
+        those of ``keys`` that are in the index: what a row rewritten in place starts from."""
+        if self._pending:
+            return {}
+        fields = ["path", *record_fields(self._schema()), VECTOR]
+        return {row["path"]: row for row in map(flat_record, self._query_keys(keys, fields))}
 
     def find_by_fingerprint(self, fingerprints: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """Rows (with vectors, the record's entries at the top level) whose fingerprint is one of
@@ -293,17 +304,20 @@ class Store:
                 iterator.close()
 
     def search(
-        self, vectors: Sequence[Sequence[float]], limit: int, folder: str | None = None
+        self, vectors: Sequence[Sequence[float]], limit: int, folder: str | None = None, where: str = ""
     ) -> list[list[SearchHit]]:
+        """The ``limit`` nearest rows to each vector, inside ``folder`` and matching the filter
+        expression ``where`` (both applied by Milvus during the search, not after it)."""
         if self._pending:
             return [[] for _ in vectors]
         reads = self._reads()
+        expressions = [f"({expr})" for expr in (folder_prefix_filter(folder) if folder else "", where) if expr]
         results = self._call(
             self.client.search,
             self.collection,
             data=unit_rows(vectors).tolist(),
             limit=limit,
-            filter=folder_prefix_filter(folder) if folder else "",
+            filter=" and ".join(expressions),
             output_fields=hit_fields(self._schema()),
             search_params=self._search_params(limit),
             **reads,

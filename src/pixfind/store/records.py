@@ -14,6 +14,14 @@ Schema 2, explicit, no dynamic fields:
         content      ``blake3:<hex>`` of the whole file, recorded when it is embedded: a candidate
                      reuses this row's vector only if its own content hash is equal (absent
                      in rows written before it existed: those are never reused)
+        taken        when the photo was taken: EXIF DateTimeOriginal, else the mtime, as
+                     wall-clock seconds (see ingest.facts); taken_from: "exif" or "mtime"
+        camera       EXIF Make and Model, printable; camera_terms: its word prefixes, for
+                     --camera (absent when the file names no camera)
+        type         jpeg, png, webp, gif, bmp, tiff
+        orientation  landscape, portrait or square
+        (the last four are the searches' filters, see pixfind.filters; rows written before
+        they existed lack them until the next index run adds them without re-embedding)
 
 Schema 1 (collections made before) keeps the five as typed fields of their own. One JSON field
 is faster for Milvus Lite to load (docs/speed.md), so new collections get it; a collection keeps
@@ -45,6 +53,9 @@ META = "meta"
 FILE_FIELDS = ("size", "mtime_ns", "width", "height", "fingerprint")
 #: The record's content hash (schema 2's JSON field only).
 CONTENT = "content"
+#: The record's entries that searches filter on (schema 2 only); ``taken`` marks a row that has them.
+FACT_FIELDS = ("taken", "taken_from", "camera", "camera_terms", "type", "orientation")
+TAKEN = "taken"
 #: What a search returns besides the path, per layout.
 HIT_FIELDS_V1 = ["width", "height", "size"]
 
@@ -88,6 +99,7 @@ class StoredFile:
     size: int
     mtime_ns: int
     fingerprint: str
+    has_facts: bool = True  # False: a schema-2 row written before the filters' fields existed
 
 
 @dataclass
@@ -102,12 +114,15 @@ class Row:
     height: int
     fingerprint: str
     content: str | None = None  # the whole file's hash (ingest.content.content_hash); schema 2 only
+    facts: dict[str, Any] | None = None  # date taken, camera, type, orientation (ingest.facts); schema 2 only
 
     def to_entity(self, schema: int = SCHEMA_VERSION) -> dict[str, Any]:
         record: dict[str, Any] = {name: getattr(self, name) for name in FILE_FIELDS}
         if schema >= 2:
             if self.content:
                 record[CONTENT] = self.content
+            if self.facts:
+                record.update((name, self.facts[name]) for name in FACT_FIELDS if name in self.facts)
             return {"path": self.key, VECTOR: unit_rows(self.vector)[0].tolist(), META: record}
         return {"path": self.key, VECTOR: unit_rows(self.vector)[0].tolist(), **record}
 
@@ -119,6 +134,7 @@ class SearchHit:
     width: int
     height: int
     size: int
+    facts: dict[str, Any] | None = None  # the record's FACT_FIELDS it has (schema 2)
 
 
 def record_fields(schema: int) -> list[str]:
@@ -145,7 +161,8 @@ def flat_record(row: dict[str, Any]) -> dict[str, Any]:
 def stored_file(row: dict[str, Any]) -> StoredFile:
     """The change-detection part of a row read from either layout."""
     flat = flat_record(row)
-    return StoredFile(flat["size"], flat["mtime_ns"], flat["fingerprint"])
+    has_facts = TAKEN in flat or META not in row  # schema 1 has no place for them: nothing to add
+    return StoredFile(flat["size"], flat["mtime_ns"], flat["fingerprint"], has_facts)
 
 
 def search_hit(item: dict[str, Any]) -> SearchHit:
@@ -157,6 +174,7 @@ def search_hit(item: dict[str, Any]) -> SearchHit:
         width=int(entity.get("width", 0)),
         height=int(entity.get("height", 0)),
         size=int(entity.get("size", 0)),
+        facts={name: entity[name] for name in FACT_FIELDS if name in entity and name != "camera_terms"} or None,
     )
 
 

@@ -29,6 +29,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..duplicates import DEFAULT_THRESHOLD, check_threshold
 from ..errors import PixfindError
+from ..filters import Filters
 from ..limits import DEFAULT_RESULTS, MAX_QUERY_TERMS, MAX_RESULTS, check_limit, check_min_score, check_query
 from ..query import Term, check_terms, parse_query
 from ..version import __version__
@@ -89,6 +90,41 @@ TermsParam = Annotated[
 ]
 FilesParam = Annotated[list[UploadFile] | None, File(description="the images the terms number (limits: see /api/info)")]
 
+
+def filter_params(
+    after: Annotated[str | None, Query(description="only photos taken on this day or later (YYYY-MM-DD)")] = None,
+    before: Annotated[
+        str | None, Query(description="only photos taken on this day or earlier, the day included (YYYY-MM-DD)")
+    ] = None,
+    camera: Annotated[
+        str | None, Query(description="only photos from a camera whose make/model have words starting with these")
+    ] = None,
+    file_type: Annotated[
+        str | None,
+        Query(alias="type", description="only these types, comma-separated: jpeg, png, webp, gif, bmp, tiff"),
+    ] = None,
+    orientation: Annotated[str | None, Query(description="landscape, portrait or square")] = None,
+    min_width: Annotated[int | None, Query(description="only images at least this wide (pixels)")] = None,
+    min_height: Annotated[int | None, Query(description="only images at least this tall (pixels)")] = None,
+) -> Filters:
+    """The filters on what a photo is (:mod:`pixfind.filters`), checked; a bad one is a 400."""
+    return _refused_as_400(
+        lambda _: Filters.of(
+            after=after,
+            before=before,
+            camera=camera,
+            types=file_type,
+            orientation=orientation,
+            min_width=min_width,
+            min_height=min_height,
+        ),
+        None,
+        "bad request: ",
+    )
+
+
+FiltersParam = Annotated[Filters, Depends(filter_params)]
+
 router = APIRouter()
 
 
@@ -123,11 +159,14 @@ def checked_under(request: Request) -> str | None:
     return os.path.normpath(folder)
 
 
-def search_options(min_score: float | None, all_copies: bool) -> dict[str, Any]:
-    return {
+def search_options(min_score: float | None, all_copies: bool, filters: Filters | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {
         "min_score": _refused_as_400(check_min_score, min_score, "bad request: min_score: "),
         "all_copies": all_copies,
     }
+    if filters:
+        options["filters"] = filters
+    return options
 
 
 def text_terms(q: str | None, nots: list[str] | None, combine: bool = True) -> list[Term]:
@@ -196,6 +235,7 @@ def favicon() -> Response:
 def search(
     request: Request,
     service: Service,
+    filters: FiltersParam,
     q: QueryParam,
     k: KParam = DEFAULT_RESULTS,
     under: UnderParam = None,
@@ -206,7 +246,7 @@ def search(
 ) -> Response:
     checked_query(q)
     terms, folder, k = text_terms(q, nots, combine), checked_under(request), checked_k(k)
-    options = search_options(min_score, all_copies)
+    options = search_options(min_score, all_copies, filters)
     started = time.perf_counter()
     return hits_answer(service.search_terms(terms, k, folder, **options), started)
 
@@ -215,6 +255,7 @@ def search(
 async def search_image(
     request: Request,
     service: Service,
+    filters: FiltersParam,
     file: UploadParam,
     k: KParam = DEFAULT_RESULTS,
     under: UnderParam = None,
@@ -224,7 +265,7 @@ async def search_image(
 ) -> Response:
     try:
         folder, k = checked_under(request), checked_k(k)
-        options = search_options(min_score, all_copies)
+        options = search_options(min_score, all_copies, filters)
         subtract = text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
         started = time.perf_counter()
         image = await decoded_upload(service, file)
@@ -238,6 +279,7 @@ async def search_image(
 async def search_terms(
     request: Request,
     service: Service,
+    filters: FiltersParam,
     terms: TermsParam,
     file: FilesParam = None,
     k: KParam = DEFAULT_RESULTS,
@@ -248,7 +290,7 @@ async def search_terms(
     uploads = file or []
     try:
         folder, k = checked_under(request), checked_k(k)
-        options = search_options(min_score, all_copies)
+        options = search_options(min_score, all_copies, filters)
         described = described_terms(terms, len(uploads))
         started = time.perf_counter()
         images = [await decoded_upload(service, upload) for upload in uploads]
@@ -264,6 +306,7 @@ async def search_terms(
 def similar(
     request: Request,
     service: Service,
+    filters: FiltersParam,
     path: PathParam,
     k: KParam = DEFAULT_RESULTS,
     under: UnderParam = None,
@@ -272,7 +315,7 @@ def similar(
     all_copies: AllParam = False,
 ) -> Response:
     target = service.indexed_path(raw_query_param(request, "path"))
-    options = search_options(min_score, all_copies)
+    options = search_options(min_score, all_copies, filters)
     subtract = text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
     started = time.perf_counter()
     hits = service.similar(target, checked_k(k), checked_under(request), subtract=subtract, **options)

@@ -13,7 +13,11 @@
     vCopies: $("#viewer-copies"), not: $("#not"), minScore: $("#min-score"), allCopies: $("#all-copies"),
     vOpen: $("#viewer-open"), vMore: $("#more-like-this"), vFolder: $("#viewer-folder"),
     vCopy: $("#viewer-copy"), vPrev: $("#viewer-prev"), vNext: $("#viewer-next"), vClose: $("#viewer-close"),
+    vTaken: $("#viewer-taken"), vCamera: $("#viewer-camera"),
   };
+  // Filters on what a photo is: [API parameter, control]; each goes into the search and the URL as it is.
+  const photoFilters = [["after", $("#after")], ["before", $("#before")], ["camera", $("#camera")],
+    ["type", $("#type")], ["orientation", $("#orientation")]];
 
   const state = {
     hits: [], current: -1, controller: null, queryImageUrl: null, queryFile: null, folders: new Set(), maxUpload: 0,
@@ -68,6 +72,7 @@
     if (not) p.set("not", not);
     const minScore = els.minScore.value.trim();
     if (minScore) p.set("min_score", minScore);
+    for (const [name, control] of photoFilters) if (control.value.trim()) p.set(name, control.value.trim());
     if (els.allCopies.checked) p.set("all", "true");
     return p;
   }
@@ -173,7 +178,9 @@
     return el("span", {},
       under ? el("span", { text: " in ", class: "in" }, el("code", { text: under })) : "",
       not ? el("span", { text: " but not ", class: "not-note" }, el("q", { text: not })) : "",
-      minScore ? el("span", { class: "muted", text: ` · score ≥ ${minScore}` }) : "");
+      minScore ? el("span", { class: "muted", text: ` · score ≥ ${minScore}` }) : "",
+      ...photoFilters.filter(([, control]) => control.value.trim()).map(([name, control]) =>
+        el("span", { class: "muted filter-note", text: ` · ${name} ${control.value.trim()}` })));
   }
 
   function dropQueryImage() {
@@ -240,6 +247,9 @@
     els.vDims.textContent = hit.width && hit.height ? `${hit.width} × ${hit.height} px` : "unknown";
     els.vSize.textContent = formatBytes(hit.size);
     els.vScore.textContent = formatScore(hit.score, 4);
+    els.vTaken.textContent = hit.taken
+      ? `${hit.taken.replace("T", " ")}${hit.taken_from === "mtime" ? " (file date)" : ""}` : "unknown";
+    els.vCamera.textContent = hit.camera || "unknown";
     const others = hit.copy_paths || [];
     els.vCopies.replaceChildren(others.length ? `${hit.copies} identical files; also at:` : "none",
       ...others.slice(0, 20).map((path) => el("code", { class: "copy-list", text: path })),
@@ -298,6 +308,7 @@
     if (not && (q || like)) p.set("not", not);
     const minScore = els.minScore.value.trim();
     if (minScore && (q || like)) p.set("min_score", minScore);
+    for (const [name, control] of photoFilters) if (control.value.trim() && (q || like)) p.set(name, control.value.trim());
     if (els.allCopies.checked && (q || like)) p.set("all", "true");
     const url = p.toString() ? `?${p}` : location.pathname;
     if (url !== location.search) history.pushState(null, "", url);
@@ -309,6 +320,7 @@
     els.under.value = p.get("under") || els.under.value;
     els.not.value = p.get("not") || "";
     els.minScore.value = p.get("min_score") || "";
+    for (const [name, control] of photoFilters) control.value = p.get(name) || "";
     els.allCopies.checked = p.get("all") === "true";
     if (p.get("q")) {
       els.q.value = p.get("q");
@@ -342,6 +354,7 @@
   els.underClear.addEventListener("click", () => { els.under.value = ""; rerun(); });
   els.not.addEventListener("change", rerun);
   els.minScore.addEventListener("change", rerun);
+  for (const [, control] of photoFilters) control.addEventListener("change", rerun);
   els.allCopies.addEventListener("change", rerun);
   els.uploadBtn.addEventListener("click", () => els.file.click());
   els.file.addEventListener("change", () => { searchImage(els.file.files[0]); els.file.value = ""; });
