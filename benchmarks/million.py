@@ -264,6 +264,7 @@ print(json.dumps(figures))
 
 
 def run_lite(n: int, args: argparse.Namespace, out: list[str]) -> None:
+    from pixfind.errors import StoreError
     from pixfind.store import Row, Store
 
     data, keys = generate(n)
@@ -287,7 +288,12 @@ def run_lite(n: int, args: argparse.Namespace, out: list[str]) -> None:
         )
         qfile = str(Path(tmp) / "queries.npy")
         np.save(qfile, queries)
-        cold = [cold_search(uri, qfile) for _ in range(3)]
+        try:
+            cold = [cold_search(uri, qfile) for _ in range(3)]
+        except subprocess.CalledProcessError as exc:  # what `pixfind search` would meet
+            lines = exc.stderr.strip().splitlines() or ["(no output)"]
+            emit(out, f"lite   n={n:,}: cold search FAILED: {lines[-1]}; {load_average()}")
+            return
         med = sorted(cold, key=lambda c: c["total_s"])[1]
         each = ", ".join(f"{c['total_s']:.2f}" for c in cold)
         emit(
@@ -306,7 +312,11 @@ def run_lite(n: int, args: argparse.Namespace, out: list[str]) -> None:
             engine = rss_bytes(child_pids(os.getpid()))
             emit(out, f"lite   n={n:,} FLAT (exact): {figures}; engine RSS {gib(engine)}; {load_average()}")
             began = time.perf_counter()
-            switched = store.index_for_serving()
+            try:
+                switched = store.index_for_serving()
+            except StoreError as exc:  # reported as measured: what `pixfind serve` would meet
+                emit(out, f"lite   n={n:,}: IVF_FLAT switch FAILED after {time.perf_counter() - began:.0f} s: {exc}")
+                return
             switch_s = time.perf_counter() - began
             if switched:
                 figures = measure_searches(search, queries, truth, args.batch)
