@@ -45,8 +45,8 @@ from search_latency import DIM, MODEL, Clustered, key  # noqa: E402
 
 #: Index types compared on the server, with the search efforts tried for each (HNSW ``ef``,
 #: IVF ``nprobe``). nlist ~4 sqrt(N) is the usual rule; Milvus builds per segment (~250k rows
-#: at most here, 4 sqrt = 2000), so 1024 lists per segment trades a little recall per probe
-#: for a k-means four times cheaper than 4096.
+#: at most here, 4 sqrt = 2000), but on 2 shared cores 1024 lists per segment took ~35 min for
+#: the first pass alone, 256 lists 520 s for everything at recall@10 0.987 (docs/scale.md).
 def server_indexes(nlist: int, ef_construction: int) -> list[tuple[dict[str, object], str, list[int]]]:
     return [
         ({"index_type": "HNSW", "params": {"M": 16, "efConstruction": ef_construction}}, "ef", [32, 64, 128, 256]),
@@ -353,7 +353,7 @@ def main() -> int:
     parser.add_argument("--lite-queries", type=int, default=100, help="queries for Lite's exact search (slow)")
     parser.add_argument("--batch", type=int, default=100, help="queries per batch search")
     parser.add_argument("--indexes", default="", help="server index types to build (default: all)")
-    parser.add_argument("--nlist", type=int, default=1024, help="IVF lists per segment (default 1024)")
+    parser.add_argument("--nlist", type=int, default=256, help="IVF lists per segment (default 256)")
     parser.add_argument("--ef-construction", type=int, default=100, help="HNSW efConstruction (default 100)")
     parser.add_argument("--index-timeout", type=float, default=7200, help="seconds to wait for an index")
     args = parser.parse_args()
