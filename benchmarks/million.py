@@ -42,14 +42,19 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from search_latency import DIM, MODEL, Clustered, key  # noqa: E402
 
+
 #: Index types compared on the server, with the search efforts tried for each (HNSW ``ef``,
 #: IVF ``nprobe``). nlist ~4 sqrt(N) is the usual rule; Milvus builds per segment (~250k rows
-#: at most here), so 4096 lists per segment is at the high end of it.
-SERVER_INDEXES: list[tuple[dict[str, object], str, list[int]]] = [
-    ({"index_type": "HNSW", "params": {"M": 16, "efConstruction": 100}}, "ef", [32, 64, 128]),
-    ({"index_type": "IVF_FLAT", "params": {"nlist": 4096}}, "nprobe", [16, 32, 64, 128]),
-    ({"index_type": "IVF_SQ8", "params": {"nlist": 4096}}, "nprobe", [16, 32, 64, 128]),
-]
+#: at most here, 4 sqrt = 2000), but on 2 shared cores 1024 lists per segment took ~35 min for
+#: the first pass alone, 256 lists 520 s for everything at recall@10 0.987 (docs/scale.md).
+def server_indexes(nlist: int, ef_construction: int) -> list[tuple[dict[str, object], str, list[int]]]:
+    return [
+        ({"index_type": "HNSW", "params": {"M": 16, "efConstruction": ef_construction}}, "ef", [32, 64, 128, 256]),
+        ({"index_type": "IVF_FLAT", "params": {"nlist": nlist}}, "nprobe", [8, 16, 32, 64, 128]),
+        ({"index_type": "IVF_SQ8", "params": {"nlist": nlist}}, "nprobe", [8, 16, 32, 64, 128]),
+    ]
+
+
 INSERT_ROWS = 5000  # rows per insert call on the server (~10 MiB, under its 64 MiB message cap)
 
 
@@ -176,7 +181,7 @@ def run_server(n: int, args: argparse.Namespace, out: list[str]) -> None:
             f"server n={n:,}: insert {n / insert_s:,.0f} rows/s ({insert_s:.0f} s), flush "
             f"{time.perf_counter() - began:.1f} s; {load_average()}",
         )
-        for index in SERVER_INDEXES:
+        for index in server_indexes(args.nlist, args.ef_construction):
             if not args.indexes or index[0]["index_type"] in args.indexes:
                 measure_server_index(client, server, index, n, queries, truth, args, out)
         client.close()
@@ -259,6 +264,7 @@ print(json.dumps(figures))
 
 
 def run_lite(n: int, args: argparse.Namespace, out: list[str]) -> None:
+    from pixfind.errors import StoreError
     from pixfind.store import Row, Store
 
     data, keys = generate(n)
@@ -282,7 +288,12 @@ def run_lite(n: int, args: argparse.Namespace, out: list[str]) -> None:
         )
         qfile = str(Path(tmp) / "queries.npy")
         np.save(qfile, queries)
-        cold = [cold_search(uri, qfile) for _ in range(3)]
+        try:
+            cold = [cold_search(uri, qfile) for _ in range(3)]
+        except subprocess.CalledProcessError as exc:  # what `pixfind search` would meet
+            lines = exc.stderr.strip().splitlines() or ["(no output)"]
+            emit(out, f"lite   n={n:,}: cold search FAILED: {lines[-1]}; {load_average()}")
+            return
         med = sorted(cold, key=lambda c: c["total_s"])[1]
         each = ", ".join(f"{c['total_s']:.2f}" for c in cold)
         emit(
@@ -301,7 +312,11 @@ def run_lite(n: int, args: argparse.Namespace, out: list[str]) -> None:
             engine = rss_bytes(child_pids(os.getpid()))
             emit(out, f"lite   n={n:,} FLAT (exact): {figures}; engine RSS {gib(engine)}; {load_average()}")
             began = time.perf_counter()
-            switched = store.index_for_serving()
+            try:
+                switched = store.index_for_serving()
+            except StoreError as exc:  # reported as measured: what `pixfind serve` would meet
+                emit(out, f"lite   n={n:,}: IVF_FLAT switch FAILED after {time.perf_counter() - began:.0f} s: {exc}")
+                return
             switch_s = time.perf_counter() - began
             if switched:
                 figures = measure_searches(search, queries, truth, args.batch)
@@ -338,6 +353,8 @@ def main() -> int:
     parser.add_argument("--lite-queries", type=int, default=100, help="queries for Lite's exact search (slow)")
     parser.add_argument("--batch", type=int, default=100, help="queries per batch search")
     parser.add_argument("--indexes", default="", help="server index types to build (default: all)")
+    parser.add_argument("--nlist", type=int, default=256, help="IVF lists per segment (default 256)")
+    parser.add_argument("--ef-construction", type=int, default=100, help="HNSW efConstruction (default 100)")
     parser.add_argument("--index-timeout", type=float, default=7200, help="seconds to wait for an index")
     args = parser.parse_args()
     args.indexes = [x for x in args.indexes.split(",") if x]

@@ -74,7 +74,7 @@ EfOpt = Annotated[
     int | None,
     typer.Option(
         "--ef",
-        help="Milvus server search effort (HNSW ef, default 64): higher = better recall, slower. "
+        help="Milvus server search effort (HNSW ef, default 128): higher = better recall, slower. "
         "Env: PIXFIND_SEARCH_EF.",
     ),
 ]

@@ -14,7 +14,7 @@ from ..config import ModelSpec, default_search_ef, is_server_uri, search_ef_from
 from ..errors import StoreError
 from ..pathkeys import folder_prefix_filter, key_of, keys_filter
 from ..vectors import unit_rows
-from .policies import LitePolicy, ServerPolicy, is_milvus_error
+from .policies import LitePolicy, ServerPolicy, ann_search_params, is_milvus_error
 from .records import (
     SCHEMA_VERSION,
     VECTOR,
@@ -342,11 +342,9 @@ class Store:
         params: dict[str, Any] = {}  # no metric_type: the index's (IP, or COSINE on older files)
         if self._policy.serving_index and not self._serving_index:
             return params  # Lite's exact FLAT index takes no parameters
-        kind = self.index_type()
-        if kind == "HNSW":
-            params["params"] = {"ef": max(self.search_ef, limit)}
-        elif kind.startswith("IVF"):  # Milvus Lite 2.5 ignores nprobe (docs/speed.md)
-            params["params"] = {"nprobe": max(1, min(65536, self.search_ef // 2))}
+        effort = ann_search_params(self.index_type(), self.search_ef, limit)
+        if effort:
+            params["params"] = effort
         return params
 
     def index_for_serving(self) -> bool:
