@@ -446,7 +446,7 @@ def test_page_and_static_files_need_nothing_external(client: TestClient) -> None
     assert page.status_code == 200
     assert "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
-    for asset in ("/static/app.js", "/static/style.css", "/static/favicon.svg"):
+    for asset in ("/static/dom.js", "/static/app.js", "/static/library.js", "/static/style.css", "/static/favicon.svg"):
         response = client.get(asset)
         assert response.status_code == 200, asset
         text = response.text

@@ -25,30 +25,9 @@
 
   // -- helpers --------------------------------------------------------------------------------
 
-  const basename = (p) => p.slice(p.lastIndexOf("/") + 1) || p;
-  const dirname = (p) => { const i = p.lastIndexOf("/"); return i > 0 ? p.slice(0, i) : "/"; };
+  const { basename, dirname, plural, formatBytes, el } = window.pixfindDom;
   // Scores are cosines; -0.000 reads oddly, so near-zero shows as 0.000.
   const formatScore = (score, digits = 3) => (Math.abs(score) < 0.5 * 10 ** -digits ? 0 : score).toFixed(digits);
-  const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
-
-  function formatBytes(n) {
-    if (!n && n !== 0) return "";
-    const units = ["bytes", "KB", "MB", "GB"];
-    let i = 0;
-    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-    return i === 0 ? `${n} bytes` : `${n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
-  }
-
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs)) {
-      if (key === "class") node.className = value;
-      else if (key === "text") node.textContent = value;
-      else node.setAttribute(key, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
-  }
 
   function showError(message) {
     els.error.textContent = message;

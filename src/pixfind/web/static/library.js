@@ -17,18 +17,8 @@
   const WATCH_POLL_MS = 3000;
   const GROUPS_PER_PAGE = 100;
 
-  // The same small helpers as app.js (which keeps its own inside its closure).
-  const basename = (p) => p.slice(p.lastIndexOf("/") + 1) || p;
-  const dirname = (p) => { const i = p.lastIndexOf("/"); return i > 0 ? p.slice(0, i) : "/"; };
-  const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
+  const { basename, dirname, plural, formatBytes, el } = window.pixfindDom;
   const clock = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
-
-  function formatBytes(n) {
-    const units = ["bytes", "KB", "MB", "GB", "TB"];
-    let i = 0;
-    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-    return i === 0 ? `${n} bytes` : `${n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
-  }
 
   function formatElapsed(seconds) {
     if (seconds < 10) return `${seconds.toFixed(1)} s`;
@@ -40,17 +30,6 @@
   function shortFolder(folder) {
     const parts = folder.split("/").filter(Boolean);
     return parts.length > 2 ? `…/${parts.slice(-2).join("/")}` : folder;
-  }
-
-  function el(tag, attrs = {}, ...children) {
-    const node = document.createElement(tag);
-    for (const [key, value] of Object.entries(attrs)) {
-      if (key === "class") node.className = value;
-      else if (key === "text") node.textContent = value;
-      else node.setAttribute(key, value);
-    }
-    for (const child of children) node.append(child);
-    return node;
   }
 
   async function api(method, url) {
