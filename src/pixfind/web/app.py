@@ -169,6 +169,11 @@ def search_options(min_score: float | None, all_copies: bool, filters: Filters |
     return options
 
 
+def not_terms(nots: list[str] | None) -> list[Term]:
+    """The ``not`` words alone, as terms to take away from an image search (none when all are blank)."""
+    return text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
+
+
 def text_terms(q: str | None, nots: list[str] | None, combine: bool = True) -> list[Term]:
     """The terms of ``q`` and of the ``not`` words; image paths are refused: this server reads
     only the files it indexed, and a query image comes as an upload."""
@@ -266,7 +271,7 @@ async def search_image(
     try:
         folder, k = checked_under(request), checked_k(k)
         options = search_options(min_score, all_copies, filters)
-        subtract = text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
+        subtract = not_terms(nots)
         started = time.perf_counter()
         image = await decoded_upload(service, file)
         hits = await run_in_threadpool(service.search_image, image, k, folder, subtract=subtract, **options)
@@ -316,7 +321,7 @@ def similar(
 ) -> Response:
     target = service.indexed_path(raw_query_param(request, "path"))
     options = search_options(min_score, all_copies, filters)
-    subtract = text_terms(None, nots) if nots and any(word.strip() for word in nots) else []
+    subtract = not_terms(nots)
     started = time.perf_counter()
     hits = service.similar(target, checked_k(k), checked_under(request), subtract=subtract, **options)
     return hits_answer(hits, started)
