@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc_fork  # noqa: F401 - first: turns gRPC's fork handlers off before pymilvus imports grpc
 import numpy as np
 import pytest
 from milvus_server import MilvusServer

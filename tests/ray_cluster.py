@@ -13,6 +13,9 @@ What this module adds to it, and why:
 * **Bounded.** The head has no CPUs (work runs on the worker nodes only, as on a real
   cluster); each node is given ``memory`` and ``object_store_memory`` explicitly, or each would
   claim all of this machine's RAM. No dashboard, no metrics collection, no usage statistics.
+* **Every node process starts.** Cluster starts nodes with ``Popen(preexec_fn=...)``; in a
+  process where gRPC runs, gRPC's fork handler kills about one such child in a hundred before it
+  runs (see ``grpc_fork``, imported here first and checked by :meth:`LocalRayCluster.start`).
 * **Contained.** Ray's temporary folder (``RAY_TMPDIR``: sessions, logs, sockets, the
   address file) is the folder given, not ``/tmp/ray``; :meth:`LocalRayCluster.stop` checks that
   every process the cluster started is gone (and kills any that are not, then fails).
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc_fork
 import psutil
 
 MIB = 1 << 20
@@ -75,8 +79,10 @@ class LocalRayCluster:
     _roots: set[int] = field(default_factory=set)
     _saved_env: dict[str, str | None] = field(default_factory=dict)
     _own_folder: bool = False
+    _connected: bool = False  # this process is Ray's driver on this cluster
 
     def start(self) -> LocalRayCluster:
+        grpc_fork.require_handlers_off("local Ray cluster")
         if self.folder is None:
             self.folder = Path(tempfile.mkdtemp(prefix="pxray-"))
             self._own_folder = True
@@ -93,16 +99,30 @@ class LocalRayCluster:
             self.start_s = time.monotonic() - began
             self.check_loopback()
         except BaseException:
-            self.stop()
+            with contextlib.suppress(RayClusterError):  # the error that stopped the start is the news
+                self.stop()
             raise
         return self
 
     def _start_nodes(self, others: set[int]) -> None:
         import ray
+
+        before = _children_of(os.getpid())
+        try:
+            self._start_head()
+        finally:  # a head that failed half-way has left its GCS and monitors running: stop them too
+            self._roots |= _children_of(os.getpid()) - before - others
+        for _ in range(self.workers):
+            self.add_worker()
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, log_to_driver=False, configure_logging=False)
+        self._connected = True
+        self._pids |= self._descendants()
+
+    def _start_head(self) -> None:
         from ray.cluster_utils import Cluster
 
         assert self.folder is not None
-        before = _children_of(os.getpid())
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -119,19 +139,15 @@ class LocalRayCluster:
                 },
             },
         )
-        self._roots |= _children_of(os.getpid()) - before - others
-        for _ in range(self.workers):
-            self.add_worker()
-        self.cluster.wait_for_nodes()
-        ray.init(address=self.cluster.address, log_to_driver=False, configure_logging=False)
-        self._pids |= self._descendants()
 
     def add_worker(self) -> Any:
         before = _children_of(os.getpid())
-        node = self.cluster.add_node(
-            num_cpus=self.cpus_per_worker, memory=self.worker_memory, object_store_memory=self.object_store_memory
-        )
-        self._roots |= _children_of(os.getpid()) - before
+        try:
+            node = self.cluster.add_node(
+                num_cpus=self.cpus_per_worker, memory=self.worker_memory, object_store_memory=self.object_store_memory
+            )
+        finally:
+            self._roots |= _children_of(os.getpid()) - before
         self.worker_nodes.append(node)
         self._pids |= self._descendants()
         return node
@@ -197,12 +213,16 @@ class LocalRayCluster:
         import ray
 
         self._pids |= self._descendants()
-        ray.shutdown()
+        if self._connected:  # never another cluster's driver connection (a start that failed early)
+            ray.shutdown()
+            self._connected = False
+        shut_down = self.cluster is not None
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None
         self.worker_nodes.clear()
-        survivors = _wait_gone(self._pids, 10.0)
+        # Processes of a head that never finished starting have no shutdown to wait for.
+        survivors = _wait_gone(self._pids, 10.0 if shut_down else 0.0)
         for pid in survivors:
             os.kill(pid, signal.SIGKILL)
         self._pids.clear()

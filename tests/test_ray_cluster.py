@@ -4,8 +4,11 @@ promises, and a Ray Data job that loses a node half-way and still returns every 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
 import time
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,37 @@ def test_a_folder_too_long_for_ray_sockets_is_refused_before_anything_starts(tmp
     folder = tmp_path / ("x" * 80)
     with pytest.raises(RuntimeError, match="too long for Ray's socket paths"):
         LocalRayCluster(folder=folder).start()
+
+
+def test_a_head_that_fails_half_way_leaves_no_process_behind(tmp_path: Path) -> None:
+    """The start's own error comes out, and what the head had started before failing is gone."""
+
+    class FailingHead(LocalRayCluster):
+        def _start_head(self) -> None:
+            self.started = subprocess.Popen(["sleep", "60"])  # a GCS that came up before the raylet failed
+            raise RuntimeError("raylet did not register")
+
+    cluster = FailingHead()  # its own short folder under /tmp, removed at stop
+    with pytest.raises(RuntimeError, match="raylet did not register"):
+        cluster.start()
+    assert cluster.started.wait(timeout=5) == -signal.SIGKILL
+
+
+def test_children_started_with_preexec_fn_survive_a_live_grpc_channel() -> None:
+    """Ray starts every node process with Popen(preexec_fn=...) from this process, where pymilvus
+    runs gRPC; with gRPC's fork handlers on, about one such child in a hundred dies before exec
+    (tests/grpc_fork.py). A thousand children, each must run."""
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        codes = [subprocess.Popen(["true"], preexec_fn=lambda: None).wait() for _ in range(1000)]
+    finally:
+        channel.close()
+        server.stop(grace=None)
+    died = [code for code in codes if code != 0]
+    assert not died, f"{len(died)} of {len(codes)} children died before running (exit codes {sorted(set(died))})"
