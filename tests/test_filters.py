@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +213,28 @@ def test_hits_say_when_where_from_and_what(library: Library, small_encoder) -> N
         "type": "png",
     }
     assert (hits["h.jpg"]["taken"], hits["h.jpg"]["taken_from"]) == ("2021-03-03T03:03:03", "mtime")
+
+
+def test_the_results_table_shows_the_day_taken_and_the_camera(library: Library, small_encoder) -> None:  # type: ignore[no-untyped-def]
+    from io import StringIO
+
+    from rich.console import Console
+
+    from pixfind.render import hits_table
+
+    with library.open(small_encoder, create=False) as idx:
+        hits = idx.search("a photo", limit=100)
+    shown = StringIO()
+    Console(file=shown, width=200, color_system=None).print(hits_table(hits))
+    lines = shown.getvalue().splitlines()
+    assert lines[0].split() == ["#", "score", "size", "taken", "camera", "path"]
+    rows = {str(Path(line.split()[-1]).relative_to(library.root)): line for line in lines[1:]}
+    assert set(rows) == ALL and len(lines) == 1 + len(PHOTOS)  # one line a photo, hostile camera too
+    assert re.search(r" 2024-05-01 +Canon EOS 5D Mark II +/", rows["a.jpg"])  # the camera's date, as is
+    assert "(2023-12-31)" in rows["d.png"] and "(2021-03-03)" in rows["h.jpg"]  # the file's date
+    assert "NIKON D750" in rows["b.jpg"]
+    assert '" or 1==1 or " [31mEvil…' in rows["f.jpg"]  # stored cleaned, shown as text (not markup), cut
+    assert "\x1b" not in shown.getvalue() and "\u202e" not in shown.getvalue()
 
 
 def test_filters_apply_inside_the_search_with_under_k_min_score_and_terms(library: Library, small_encoder) -> None:  # type: ignore[no-untyped-def]

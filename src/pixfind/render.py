@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 TILE = 150
 COLUMNS = 5
+CAMERA_CELL = 24  # characters of a camera name in the results table (the JSON has it whole)
 _LABEL_BAND = 22
 
 
@@ -77,25 +78,44 @@ def json_text(data: object) -> str:
 
 
 def hits_table(hits: Sequence[Hit]) -> object:
-    """A rich Table: rank, score, size, copies (when any hit stands for exact copies), path
-    (shown through :func:`printable`, never as markup)."""
+    """A rich Table: rank, score, size, then each of copies, date taken and camera that some hit
+    has, then the path. Text from files (camera, path) is shown through :func:`printable`, never
+    as markup; a row stays one line however long its camera name."""
     from rich.table import Table
     from rich.text import Text
 
+    copies = any(hit.copies > 1 for hit in hits)
+    dated = any(hit.taken for hit in hits)
+    cameras = any(hit.camera for hit in hits)
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("#", justify="right", style="dim")
     table.add_column("score", justify="right")
     table.add_column("size", justify="right", style="dim")
-    copies = any(hit.copies > 1 for hit in hits)  # a column only when a hit stands for copies
     if copies:
         table.add_column("copies", justify="right")
+    if dated:
+        table.add_column("taken", no_wrap=True)
+    if cameras:
+        table.add_column("camera", max_width=CAMERA_CELL, no_wrap=True, overflow="ellipsis")
     table.add_column("path", overflow="fold")
     for hit in hits:
-        cells = [str(hit.rank), f"{hit.score:.4f}", f"{hit.width}x{hit.height}"]
+        cells: list[str | Text] = [str(hit.rank), f"{hit.score:.4f}", f"{hit.width}x{hit.height}"]
         if copies:
             cells.append(f"{hit.copies}" if hit.copies > 1 else "")
+        if dated:
+            cells.append(taken_cell(hit))
+        if cameras:
+            cells.append(Text(printable(hit.camera or "")))
         table.add_row(*cells, Text(printable(hit.path)))
     return table
+
+
+def taken_cell(hit: Hit) -> str:
+    """The day a hit was taken; in parentheses when that is the file's date, not the camera's."""
+    if not hit.taken:
+        return ""
+    day = hit.taken[:10]
+    return day if hit.taken_from == "exif" else f"({day})"
 
 
 def contact_sheet(hits: Sequence[Hit], tile: int = TILE, columns: int = COLUMNS) -> Image.Image:
