@@ -27,6 +27,7 @@ from pixfind.errors import PixfindError
 from pixfind.ingest.gpu_decode import GpuDecoder, decoder_for, gpu_header, orient
 from pixfind.ingest.runner import Indexer
 from pixfind.pathkeys import key_of
+from pixfind.render import summary_lines
 from pixfind.store import Store
 
 # -- files made for the tests ------------------------------------------------------------------
@@ -240,8 +241,13 @@ def test_gpu_path_stores_the_reference_vector_of_every_file(device_encoder, tmp_
     assert counts.on_device == sum(on_gpu for _, on_gpu in files.values())
     assert counts.cpu_path == len(good) - counts.on_device
     assert counts.fallback == counts.failed == counts.batch_retries == 0
+    # the summary says how many the device decoded, of what was embedded
+    assert (report.decoded_on, report.decoded_on_device, report.embedded) == ("cpu", counts.on_device, len(good))
+    said = f"decoded on cpu: {counts.on_device} of {len(good)} images (the others on the CPU:"
+    assert any(line.startswith(said) for line in summary_lines(report))
 
     cpu_report, _ = run_index(tmp_path / "photos", str(tmp_path / "cpu.db"), device_encoder, "cpu")
+    assert cpu_report.decoded_on is None and not any("decoded on" in line for line in summary_lines(cpu_report))
     assert sorted(report.failed) == sorted(cpu_report.failed)
     assert {Path(path).name for path, _ in report.failed} == broken
 

@@ -62,6 +62,8 @@ class IndexReport:
     interrupted: bool = False
     precision: str | None = None  # what the image model computed in (f32, bf16, ...), when it ran
     precision_reason: str = ""
+    decoded_on: str | None = None  # the device a GPU decoder ran on (--decode auto/gpu), when one ran
+    decoded_on_device: int = 0  # of the embedded files, those it decoded (the rest took the CPU path)
 
     @property
     def images_per_s(self) -> float:
@@ -90,4 +92,6 @@ class IndexReport:
             "interrupted": self.interrupted,
             "precision": self.precision,
             "precision_reason": self.precision_reason,
+            "decoded_on": self.decoded_on,
+            "decoded_on_device": self.decoded_on_device,
         }

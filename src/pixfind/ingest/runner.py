@@ -199,6 +199,9 @@ class Indexer:
             pending.extend(self._embed_batch(batch, encoder, report))
         write_rows(self.store, pending)
         report.embed_s = time.perf_counter() - started
+        if self.gpu_decoder is not None:
+            report.decoded_on = str(self.gpu_decoder.device)
+            report.decoded_on_device = self.gpu_decoder.counts.on_device
 
     def _embed_batch(self, batch: list[Decoded | Compressed], encoder: Encoder, report: IndexReport) -> list[Row]:
         if self.gpu_decoder is not None:
