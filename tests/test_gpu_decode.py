@@ -243,7 +243,7 @@ def test_gpu_path_stores_the_reference_vector_of_every_file(device_encoder, tmp_
     assert counts.fallback == counts.failed == counts.batch_retries == 0
     # the summary says how many the device decoded, of what was embedded
     assert (report.decoded_on, report.decoded_on_device, report.embedded) == ("cpu", counts.on_device, len(good))
-    said = f"decoded on cpu: {counts.on_device} of {len(good)} images (the others on the CPU:"
+    said = f"decoded on cpu: {counts.on_device} of {len(good)} images (the others on the CPU: not JPEG"
     assert any(line.startswith(said) for line in summary_lines(report))
 
     cpu_report, _ = run_index(tmp_path / "photos", str(tmp_path / "cpu.db"), device_encoder, "cpu")

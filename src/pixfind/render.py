@@ -197,10 +197,12 @@ def summary_lines(report: IndexReport, show_failures: int = 20) -> list[str]:
     lines = [("stopped early: " if report.interrupted else "indexed: ") + head]
     if report.precision:
         lines.append(f"images embedded in {report.precision} ({report.precision_reason})")
-    if report.decoded_on:
+    if report.decoded_on and report.embedded:
+        others = report.embedded - report.decoded_on_device
+        why = " (the others on the CPU: not JPEG, CMYK, over the size limit, or refused by the GPU decoder)"
         lines.append(
-            f"decoded on {report.decoded_on}: {report.decoded_on_device:,} of {report.embedded:,} images "
-            "(the others on the CPU: not JPEG, CMYK, over the size limit, or refused there)"
+            f"decoded on {report.decoded_on}: {report.decoded_on_device:,} of {report.embedded:,} images"
+            + (why if others else "")
         )
     for path, reason in list(report.unreadable.items())[:show_failures]:
         kept = report.kept.get(path, 0)
