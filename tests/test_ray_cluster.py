@@ -4,11 +4,12 @@ promises, and a Ray Data job that loses a node half-way and still returns every 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -102,21 +103,37 @@ def test_a_head_that_fails_half_way_leaves_no_process_behind(tmp_path: Path) -> 
     assert cluster.started.wait(timeout=5) == -signal.SIGKILL
 
 
-def test_children_started_with_preexec_fn_survive_a_live_grpc_channel() -> None:
-    """Ray starts every node process with Popen(preexec_fn=...) from this process, where pymilvus
-    runs gRPC; with gRPC's fork handlers on, about one such child in a hundred dies before exec
-    (tests/grpc_fork.py). A thousand children, each must run."""
-    import grpc
+#: A process that, like this one, imports grpc_fork first, then talks gRPC and starts 1,000 children
+#: with a preexec_fn (as Ray's Cluster does): it prints the exit codes of those that did not run.
+GRPC_AND_CHILDREN = """
+import subprocess, sys
+from concurrent import futures
+sys.path.insert(0, sys.argv[1])
+import grpc_fork  # noqa: F401 - first, as conftest.py does
+import grpc
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+grpc.channel_ready_future(channel).result(timeout=10)
+codes = [subprocess.Popen(["true"], preexec_fn=lambda: None).wait() for _ in range(1000)]
+print(sorted(code for code in codes if code != 0))
+"""
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        grpc.channel_ready_future(channel).result(timeout=10)
-        codes = [subprocess.Popen(["true"], preexec_fn=lambda: None).wait() for _ in range(1000)]
-    finally:
-        channel.close()
-        server.stop(grace=None)
-    died = [code for code in codes if code != 0]
-    assert not died, f"{len(died)} of {len(codes)} children died before running (exit codes {sorted(set(died))})"
+
+def test_children_started_with_preexec_fn_survive_a_live_grpc_channel() -> None:
+    """Ray starts every node process with Popen(preexec_fn=...) from the test process, where
+    pymilvus runs gRPC; with gRPC's fork handlers on, about one such child in a hundred dies before
+    exec (tests/grpc_fork.py). Checked in a small process (forking this large one a thousand
+    times would take minutes), from an environment without the switch: grpc_fork must set it."""
+    import grpc_fork
+
+    assert grpc_fork.HANDLERS_OFF and os.environ[grpc_fork.VARIABLE] == "false"  # this process too
+    env = {name: value for name, value in os.environ.items() if name != grpc_fork.VARIABLE}
+    tests = str(Path(__file__).resolve().parent)
+    ran = subprocess.run(
+        [sys.executable, "-c", GRPC_AND_CHILDREN, tests], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    died = ran.stdout.strip()
+    assert died == "[]", f"children died before running, exit codes {died}"
