@@ -22,10 +22,9 @@ from test_crash import pixfind_env
 
 from pixfind.pathkeys import path_of
 
-#: util-linux's setpriv drops the two capabilities from the bounding set, then execs ``args``. Not
-#: a ``preexec_fn``: that makes Python fork (not vfork) a test process where gRPC runs, and gRPC's
-#: fork handler restarts its poller in the child, which aborts once ``close_fds`` closed its epoll
-#: fd (grpc/grpc#43055) — seen once in CI as a child killed by SIGABRT before it ran.
+#: util-linux's setpriv drops the two capabilities from the bounding set, then execs ``args``: no
+#: ctypes, and no ``preexec_fn`` (children started with one from this gRPC-talking process are safe
+#: only because tests/grpc_fork.py turns gRPC's fork handlers off; this needs no such help).
 DROP_READ_OVERRIDE = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
 
 

@@ -8,6 +8,7 @@ window.pixfindDom = (() => {
   const plural = (n, word) => `${n.toLocaleString()} ${word}${n === 1 ? "" : "s"}`;
 
   function formatBytes(n) {
+    if (!n && n !== 0) return "";  // no size known (as app.js had it before the helpers moved here)
     const units = ["bytes", "KB", "MB", "GB", "TB"];
     let i = 0;
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
